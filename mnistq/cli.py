@@ -1,0 +1,89 @@
+"""`mnistq`: one command, a subcommand per job. Heavy imports happen inside each subcommand."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+from mnistq.errors import MnistqError
+
+
+def _train(argv: list[str]) -> int:
+    from trainer.train import main
+
+    return main(argv)
+
+
+def _evaluate(argv: list[str]) -> int:
+    from trainer.evaluate import main
+
+    return main(argv)
+
+
+def _predict(argv: list[str]) -> int:
+    from trainer.predict import main
+
+    return main(argv)
+
+
+def _worker(argv: list[str]) -> int:
+    from worker.cli import main
+
+    return main(argv)
+
+
+def _status(argv: list[str]) -> int:
+    from worker.cli import status_main
+
+    return status_main(argv)
+
+
+def _producer(name: str) -> Callable[[list[str]], int]:
+    def run(argv: list[str]) -> int:
+        from producer import cli
+
+        return int(getattr(cli, f"{name}_main")(argv))
+
+    return run
+
+
+COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
+    "run": (_producer("run"), "the main job: embedded Redis + workers + inbox watcher"),
+    "watch": (_producer("watch"), "watch an inbox and write results to CSV (needs REDIS_URL)"),
+    "classify": (_producer("classify"), "classify image paths through the queue"),
+    "worker": (_worker, "start a Celery worker (needs REDIS_URL)"),
+    "status": (_status, "queue depth, live workers and their model versions"),
+    "train": (_train, "train the CNN on MNIST and write model_state.pt"),
+    "evaluate": (_evaluate, "test accuracy of a model file"),
+    "predict": (_predict, "classify images in this process, no queue"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: mnistq COMMAND [options]   (mnistq COMMAND --help for each)", ""]
+    lines += [f"  {name:<9} {text}" for name, (_, text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"mnistq: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=os.environ.get("MNISTQ_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return COMMANDS[name][0](rest)
+    except MnistqError as e:  # expected failures: one clear line, no traceback
+        print(f"mnistq {name}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,131 @@
+"""The seed's CNN, checkpoints (atomic, weights_only-safe, versioned) and precision choice."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mnistq.errors import ModelError
+
+ARCH = "seed-cnn-3conv-v1"
+MNIST_MEAN = 0.1307
+MNIST_STD = 0.3081
+
+
+class Net(nn.Sequential):
+    """The layers of the original write-up, unchanged."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            nn.Conv2d(1, 32, 3),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 3),
+            nn.ReLU(),
+            nn.Conv2d(64, 64, 3),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(64 * 22 * 22, 10),
+        )
+
+
+def weights_version(state: dict[str, torch.Tensor]) -> str:
+    """Short content hash of the weights: the model's version on every result."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu", torch.float32).contiguous()
+        h.update(name.encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def save_checkpoint(path: Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> str:
+    """Write atomically (temp file in the same folder + rename): readers never see half a file."""
+    state = {k: v.detach().to("cpu").clone() for k, v in state.items()}
+    version = weights_version(state)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"model": state, "meta": {**meta, "version": version}}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return version
+
+
+@dataclass
+class Checkpoint:
+    model: Net
+    meta: dict[str, Any]
+    version: str
+    path: Path
+
+
+def load_checkpoint(path: Path | str) -> Checkpoint:
+    """Load with ``weights_only=True``; any problem becomes one clear ModelError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"model file not found: {path} (train one with `mnistq train`)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        state, meta = ckpt["model"], dict(ckpt.get("meta", {}))
+        if meta.get("arch") != ARCH:
+            raise ModelError(f"{path}: architecture {meta.get('arch')!r}, expected {ARCH!r}")
+        model = Net()
+        model.load_state_dict(state)
+    except ModelError:
+        raise
+    except Exception as e:  # torch raises many types for a bad file; all mean "not usable"
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"{path}: not a usable mnist-queue checkpoint ({reason[:200]})") from None
+    model.eval()
+    version = weights_version(model.state_dict())
+    if meta.get("version") not in (None, version):
+        raise ModelError(f"{path}: weights do not match their recorded version (corrupt file?)")
+    return Checkpoint(model=model, meta=meta, version=version, path=path)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ModelError("device cuda requested but CUDA is not available")
+    return torch.device(name)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    # avx512_bf16 / AMX: oneDNN runs bf16 convolutions natively; elsewhere bf16 is emulated and slow.
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def pick_precision(device: torch.device, name: str = "auto") -> str:
+    if name == "auto":
+        return "bf16" if bf16_supported(device) else "fp32"
+    if name not in ("bf16", "fp32"):
+        raise ModelError(f"precision must be auto, bf16 or fp32, not {name!r}")
+    return name
+
+
+def autocast(device: torch.device, precision: str) -> AbstractContextManager[Any]:
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def prepare(model: nn.Module, device: torch.device) -> nn.Module:
+    """channels_last lets oneDNN / cuDNN pick their fast convolution kernels."""
+    return model.to(device, memory_format=torch.channels_last)

@@ -1,0 +1,61 @@
+"""`mnistq predict IMAGE...`: classify files in this process (no queue), as the seed did."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mnistq.errors import ImageError
+from mnistq.settings import Settings
+from trainer.evaluate import predict_tensor
+from trainer.images import load_image
+from trainer.model import load_checkpoint, pick_device, pick_precision, prepare
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = Settings.from_env()
+    p = argparse.ArgumentParser(prog="mnistq predict", description="Classify digit images.")
+    p.add_argument("images", nargs="+", type=Path, help="image files (any size, mode or polarity)")
+    p.add_argument("--model", type=Path, default=settings.model, help="checkpoint (default: %(default)s)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: %(default)s")
+    p.add_argument(
+        "--precision", default="auto", choices=["auto", "bf16", "fp32"], help="default: %(default)s"
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=settings.max_pixels,
+        help="refuse larger images (default: %(default)s)",
+    )
+    args = p.parse_args(argv)
+
+    ckpt = load_checkpoint(args.model)
+    device = pick_device(args.device)
+    precision = pick_precision(device, args.precision)
+    model = prepare(ckpt.model, device)
+    arrays, ok, failed = [], [], 0
+    for path in args.images:
+        try:
+            arrays.append(load_image(path, args.max_pixels))
+            ok.append(path)
+        except ImageError as e:
+            print(f"{path}: error: {e}", file=sys.stderr)
+            failed += 1
+    if arrays:
+        x = torch.from_numpy(np.stack(arrays)).unsqueeze(1)
+        probs = predict_tensor(model, x, ckpt.meta["mean"], ckpt.meta["std"], device, precision)
+        conf, digit = probs.max(1)
+        for path, d, c in zip(ok, digit.tolist(), conf.tolist(), strict=True):
+            if len(args.images) == 1:
+                print(f"Predicted Digit: {d}  (confidence {c:.3f}, model {ckpt.version})")
+            else:
+                print(f"{path}: Predicted Digit: {d}  (confidence {c:.3f})")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
