@@ -37,6 +37,7 @@ class Settings:
     """Settings for every part of mnist-queue; each field names its variable."""
 
     redis_url: str | None = None  # REDIS_URL: broker and result backend
+    broker_url: str | None = None  # MNISTQ_BROKER_URL: another broker (amqp://...); default REDIS_URL
     model: Path = DEFAULT_MODEL  # MNISTQ_MODEL
     inbox: Path = Path("inbox")  # MNISTQ_INBOX
     csv: Path = Path("results.csv")  # MNISTQ_CSV
@@ -58,6 +59,7 @@ class Settings:
         roots = env.get("MNISTQ_ALLOWED_ROOTS", "")
         s = cls(
             redis_url=env.get("REDIS_URL") or None,
+            broker_url=env.get("MNISTQ_BROKER_URL") or None,
             model=Path(env.get("MNISTQ_MODEL") or DEFAULT_MODEL).expanduser(),
             inbox=inbox,
             csv=Path(env.get("MNISTQ_CSV") or "results.csv").expanduser(),

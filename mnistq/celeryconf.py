@@ -1,0 +1,34 @@
+"""The Celery app configuration shared by workers and producers (no torch here)."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from mnistq.settings import QUEUE, Settings
+
+
+def make_app(settings: Settings) -> Celery:
+    app = Celery("mnistq")
+    app.conf.update(
+        broker_url=settings.broker_url or settings.redis_url,
+        result_backend=settings.redis_url,
+        # JSON only: a pickle message would let anyone who can write to the queue run code.
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        # Crash safety: ack after the work, requeue when the worker dies, do not hoard messages.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_connection_retry_on_startup=True,
+        result_expires=settings.result_expires,
+        task_default_queue=QUEUE,
+        worker_pool="threads",
+        worker_concurrency=4,
+        # Events on, so Flower and `celery events` can follow the work.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+    )
+    return app

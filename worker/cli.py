@@ -1,0 +1,57 @@
+"""`mnistq worker` (a Celery worker with our defaults) and `mnistq status`."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+from typing import Any
+
+from mnistq.settings import QUEUE, Settings
+
+
+def main(argv: list[str]) -> int:
+    """Everything after `mnistq worker` is passed to `celery worker` unchanged."""
+    Settings.from_env().require_redis()  # says clearly that a broker is needed
+    from worker.app import app
+
+    args = ["worker", "--queues", QUEUE, "--loglevel", "INFO", *argv]
+    app.worker_main(args)
+    return 0
+
+
+def collect_status(timeout: float = 1.0) -> dict[str, Any]:
+    """Queue depth and each live worker's model version, as one dict."""
+    from worker.app import app, queue_depth
+
+    replies = app.control.broadcast("mnistq_model", reply=True, timeout=timeout)
+    workers = {name: info for reply in replies for name, info in reply.items()}
+    return {"broker": app.conf.broker_url, "queue": QUEUE, "queue_depth": queue_depth(), "workers": workers}
+
+
+def status_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="mnistq status", description="Queue depth, live workers, model versions."
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=1.0,
+        help="seconds to wait for workers to answer (default: %(default)s)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    args = p.parse_args(argv)
+    Settings.from_env().require_redis()
+    info = collect_status(args.timeout)
+    if args.json:
+        import json
+
+        print(json.dumps(info))
+        return 0
+    print(f"broker {info['broker']} on {socket.gethostname()}")
+    print(f"queue {info['queue']}: {info['queue_depth']} messages waiting")
+    print(f"{len(info['workers'])} live worker(s)")
+    for name, model in sorted(info["workers"].items()):
+        print(
+            f"  {name}: model {model.get('version')} {model.get('device', '')} {model.get('precision', '')}"
+        )
+    return 0

@@ -1,0 +1,171 @@
+"""The model in a worker process: loaded once, hot-reloaded between batches, fed in batches.
+
+Many task threads submit decoded images; one inference thread coalesces whatever is waiting
+(up to ``batch_size`` images or ``batch_wait_ms``) into a single forward pass. Decoding keeps
+running in the task threads meanwhile, so the cores are not idle while the model works.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mnistq.errors import ModelError
+from mnistq.settings import Settings
+from trainer.evaluate import predict_tensor
+from trainer.model import Checkpoint, load_checkpoint, pick_device, pick_precision, prepare
+
+log = logging.getLogger(__name__)
+
+
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def cpu_threads(processes: int) -> int:
+    """Torch threads per process so that processes x threads fits the cores we may use."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, processes))
+
+
+@dataclass
+class Prediction:
+    probs: np.ndarray  # [N, 10]
+    version: str
+    infer_ms: float
+    batch: int
+
+
+class Engine:
+    """Holds the current model; ``infer`` runs one forward pass on a stack of 28x28 images."""
+
+    def __init__(self, settings: Settings, processes: int = 1) -> None:
+        self.path = settings.model
+        self.device = pick_device(settings.device)
+        self.precision = pick_precision(self.device, settings.precision)
+        if self.device.type == "cpu":
+            torch.set_num_threads(settings.threads or cpu_threads(processes))
+        self._signature = _signature(self.path)
+        self._refused: tuple[int, int, int] | None = None
+        self._install(load_checkpoint(self.path))  # raises ModelError: the start must fail loudly
+        # Warm up so the first real batch does not pay for oneDNN's kernel selection.
+        self.infer(np.zeros((8, 28, 28), dtype=np.float32))
+
+    def _install(self, ckpt: Checkpoint) -> None:
+        self.model = prepare(ckpt.model, self.device)
+        self.mean, self.std = float(ckpt.meta["mean"]), float(ckpt.meta["std"])
+        self.version = ckpt.version
+        log.info(
+            "model %s version %s on %s %s, %d threads",
+            self.path,
+            self.version,
+            self.device,
+            self.precision,
+            torch.get_num_threads(),
+        )
+
+    def maybe_reload(self) -> None:
+        """Pick up a replaced model file; a bad one is refused and the old model keeps serving."""
+        sig = _signature(self.path)
+        if sig is None or sig == self._signature or sig == self._refused:
+            return
+        try:
+            ckpt = load_checkpoint(self.path)
+        except ModelError as e:
+            self._refused = sig
+            log.warning("new model file refused, still serving version %s: %s", self.version, e)
+            return
+        self._signature = sig
+        if ckpt.version != self.version:
+            old = self.version
+            self._install(ckpt)
+            log.info("hot reload: model version %s -> %s", old, self.version)
+
+    def infer(self, images: np.ndarray) -> Prediction:
+        t0 = time.perf_counter()
+        x = torch.from_numpy(images).unsqueeze(1)
+        probs = predict_tensor(
+            self.model, x, self.mean, self.std, self.device, self.precision, batch=len(x) or 1
+        )
+        return Prediction(probs.numpy(), self.version, (time.perf_counter() - t0) * 1000, len(x))
+
+
+class Batcher:
+    """Coalesces requests from many threads into forward passes on one inference thread."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        batch_size: int,
+        wait_ms: float,
+        on_batch: Callable[[int, float], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.batch_size = batch_size
+        self.wait = wait_ms / 1000
+        self.on_batch = on_batch
+        self._queue: queue.Queue[tuple[np.ndarray, Future[Prediction]] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="mnistq-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, images: np.ndarray) -> Future[Prediction]:
+        fut: Future[Prediction] = Future()
+        self._queue.put((images, fut))
+        return fut
+
+    def predict(self, images: np.ndarray) -> Prediction:
+        return self.submit(images).result()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+    def _gather(self) -> list[tuple[np.ndarray, Future[Prediction]]] | None:
+        first = self._queue.get()
+        if first is None:
+            return None
+        items, n = [first], len(first[0])
+        deadline = time.monotonic() + self.wait
+        while n < self.batch_size:
+            try:
+                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if item is None:
+                self._queue.put(None)  # finish this batch, then stop
+                break
+            items.append(item)
+            n += len(item[0])
+        return items
+
+    def _run(self) -> None:
+        while (items := self._gather()) is not None:
+            try:
+                self.engine.maybe_reload()
+                pred = self.engine.infer(np.concatenate([images for images, _ in items]))
+            except Exception as e:  # the loop's edge: fail these requests, keep serving
+                log.exception("inference failed for a batch of %d requests", len(items))
+                for _, fut in items:
+                    fut.set_exception(e)
+                continue
+            start = 0
+            for images, fut in items:
+                end = start + len(images)
+                fut.set_result(Prediction(pred.probs[start:end], pred.version, pred.infer_ms, pred.batch))
+                start = end
+            if self.on_batch:
+                self.on_batch(pred.batch, pred.infer_ms)

@@ -1,0 +1,28 @@
+"""Which paths a worker may open: only regular files under the allowed roots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mnistq.errors import ImageError
+
+
+def checked_path(raw: str, roots: tuple[Path, ...]) -> Path:
+    """The real path of ``raw`` if it lies under one of ``roots``; ImageError otherwise.
+
+    Symlinks are resolved first, so a link inside the inbox that points out of it is refused.
+    Nothing is opened here; ``trainer.images.open_checked`` then refuses devices and folders
+    by ``stat`` before opening.
+    """
+    p = Path(raw)
+    if not p.is_absolute():
+        raise ImageError("path must be absolute")
+    if ".." in p.parts:
+        raise ImageError("path must not contain '..'")
+    try:
+        real = p.resolve(strict=False)
+    except (OSError, RuntimeError) as e:  # symlink loops
+        raise ImageError(f"cannot resolve path: {e}") from None
+    if not any(real.is_relative_to(root) for root in roots):
+        raise ImageError("path is outside the allowed roots (MNISTQ_ALLOWED_ROOTS)")
+    return real
