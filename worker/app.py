@@ -124,7 +124,9 @@ def _on_worker_shutdown(**_: Any) -> None:
         state.batcher.close()
 
 
-def classify_paths(paths: list[str], ids: list[str] | None = None) -> list[dict[str, Any]]:
+def classify_paths(
+    paths: list[str], ids: list[str] | None = None, hostname: str | None = None
+) -> list[dict[str, Any]]:
     """One result per path, in order; a bad file gets an error result, never fails the batch."""
     import numpy as np
 
@@ -171,6 +173,7 @@ def classify_paths(paths: list[str], ids: list[str] | None = None) -> list[dict[
         r["decode_ms"] = round(decode_ms / max(1, len(paths)), 3)
         r["infer_ms"] = round(infer_ms, 3)
         r["batch"] = batch
+        r["worker"] = hostname
     return results
 
 
@@ -181,7 +184,7 @@ def classify(
     """Classify a list of image paths; results also go to the ``reply_to`` Redis list if given."""
     if state.batcher is None:
         raise MnistqError("model not loaded in this process")
-    results = classify_paths(list(paths), ids)
+    results = classify_paths(list(paths), ids, self.request.hostname)
     if reply_to:
         # A list per client: the producer pops whole task results as they finish, no polling.
         client = app.backend.client

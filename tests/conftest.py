@@ -1,0 +1,140 @@
+"""Real Redis, real worker processes: the embedded Redis by default, REDIS_URL when given.
+
+With REDIS_URL set, the tests use (and flush) databases 1-15 of that server.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from helpers_images import DIGITS, SHIPPED_MODEL, digit_image
+from PIL import Image
+
+from mnistq.settings import QUEUE
+
+_db = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[str]:
+    """Base URL of a real Redis: the one in REDIS_URL, else an embedded one for this session."""
+    if os.environ.get("REDIS_URL"):
+        yield os.environ["REDIS_URL"]
+        return
+    from producer.embedded import EmbeddedRedis
+
+    server = EmbeddedRedis()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def fresh_db(base: str) -> str:
+    """A flushed database of its own, so workers of different tests never share a queue."""
+    n = next(_db)
+    if n > 15:
+        pytest.fail("out of Redis databases for isolated tests")
+    url = base.rsplit("/", 1)[0] + f"/{n}" if base.count("/") > 2 else f"{base.rstrip('/')}/{n}"
+    redis.Redis.from_url(url).flushdb()
+    return url
+
+
+class WorkerProc:
+    def __init__(self, url: str, name: str, roots: Path, log: Path, **env: str) -> None:
+        self.url, self.name, self.log = url, name, log
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("MNISTQ_")},
+            "REDIS_URL": url,
+            "MNISTQ_ALLOWED_ROOTS": str(roots),
+            "MNISTQ_MODEL": str(SHIPPED_MODEL),
+            "MNISTQ_THREADS": "1",
+            **env,
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait: bool = True) -> WorkerProc:
+        cmd = [sys.executable, "-m", "celery", "-A", "worker", "--quiet", "worker", "-Q", QUEUE, "-n", self.name,
+               "--loglevel", "INFO", "--without-mingle", "--without-gossip"]  # fmt: skip
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if " ready." in self.text():
+                return
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                pytest.fail(f"worker exited with {self.proc.returncode}:\n{self.text()}")
+            time.sleep(0.1)
+        pytest.fail(f"worker not ready after {timeout}s:\n{self.text()}")
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def signal(self, sig: int) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.signal(signal.SIGKILL)
+                self.proc.wait()
+
+
+@pytest.fixture
+def start_worker(redis_server: str, tmp_path: Path) -> Iterator[Callable[..., WorkerProc]]:
+    """Start isolated workers (their own Redis database); all are stopped after the test."""
+    started: list[WorkerProc] = []
+    db = fresh_db(redis_server)
+
+    def start(name: str = "w1@%h", wait: bool = True, **env: str) -> WorkerProc:
+        w = WorkerProc(db, name, tmp_path, tmp_path / f"{name.split('@')[0]}.log", **env)
+        started.append(w)
+        return w.start(wait)
+
+    yield start
+    for w in started:
+        w.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_worker(redis_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProc]:
+    """One worker for the tests that only send it work; files must live under its ``root``."""
+    root = tmp_path_factory.mktemp("files")
+    w = WorkerProc(fresh_db(redis_server), "shared@%h", root, root.parent / "shared-worker.log")
+    w.root = root  # type: ignore[attr-defined]
+    w.start()
+    yield w
+    w.stop()
+
+
+def write_digits(folder: Path, count: int, prefix: str = "img") -> dict[Path, int]:
+    """PNG digits the shipped model reads correctly: {path: digit}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for i in range(count):
+        d = DIGITS[i % len(DIGITS)]
+        path = folder / f"{prefix}{i:05d}_{d}.png"
+        Image.fromarray(digit_image(d)).save(path)
+        out[path] = d
+    return out
