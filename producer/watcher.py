@@ -103,7 +103,7 @@ class Watcher:
         if path in self.inflight_paths or any(Path(path).is_relative_to(s) for s in self.skip):
             return
         now = time.monotonic()
-        if kind == "new":
+        if kind == "new" or self.opts.polling:  # polling sees no opens or closes: wait for it to settle
             self.fresh[path] = (now, None)
         elif kind == "open":
             self.fresh.pop(path, None)
