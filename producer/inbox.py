@@ -63,7 +63,16 @@ def move_out(path: str, inbox: Path, target_dir: Path, file_id: str) -> str | No
     if dest.exists():
         dest = dest.with_name(f"{dest.stem}.{file_id[:8]}{dest.suffix}")
     try:
-        shutil.move(path, dest)
+        # link + unlink rather than rename: inotify reports a rename out of the watched folder as
+        # IN_MOVED_FROM, which watchdog holds back 0.5 s to pair it, delaying every later event.
+        os.link(path, dest)
     except FileNotFoundError:
         return None  # already gone (moved by a previous run, or by the user)
+    except OSError:  # another filesystem, or one without hard links
+        try:
+            shutil.move(path, dest)
+        except FileNotFoundError:
+            return None
+        return str(dest)
+    os.unlink(path)
     return str(dest)

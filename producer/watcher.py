@@ -100,6 +100,7 @@ class Watcher:
 
     # -- intake -------------------------------------------------------------------------
     def _hint(self, kind: str, path: str) -> None:
+        log.debug("event %s %s", kind, path)
         if path in self.inflight_paths or any(Path(path).is_relative_to(s) for s in self.skip):
             return
         now = time.monotonic()
@@ -195,6 +196,7 @@ class Watcher:
                     self.inflight_paths.add(path)
                 self.tasks[task_id] = ids
                 self.queued += len(paths)
+            log.debug("sent %d files as task %s", len(paths), task_id)
             self.bar.total = self.queued
             self.bar.refresh()
 
@@ -227,6 +229,7 @@ class Watcher:
             if not self.sink.write(r):
                 continue  # a redelivered task's second answer: its row is already there
             failed = r.get("error") is not None
+            log.debug("row written for %s", r.get("path"))
             self.done += 1
             self.failed += failed
             if failed:

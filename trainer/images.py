@@ -60,10 +60,8 @@ def to_gray(im: Image.Image) -> np.ndarray:
         im.seek(0)
     im = ImageOps.exif_transpose(im) or im
     mode = im.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        a = np.asarray(im, dtype=np.float32)
-        return a / (65535.0 if mode.startswith("I;16") or a.max() <= 65535 else float(a.max()))
-    if mode == "F":
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # High bit depths often hold 8-, 10- or 12-bit data: stretch by the image's own range.
         a = np.asarray(im, dtype=np.float32)
         lo, hi = float(a.min()), float(a.max())
         return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)

@@ -76,20 +76,28 @@ class Checkpoint:
 def load_checkpoint(path: Path | str) -> Checkpoint:
     """Load with ``weights_only=True``; any problem becomes one clear ModelError."""
     path = Path(path)
+    if path.is_dir():
+        raise ModelError(f"model path is a directory, not a file: {path}")
     if not path.is_file():
         raise ModelError(f"model file not found: {path} (train one with `mnistq train`)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        state, meta = ckpt["model"], dict(ckpt.get("meta", {}))
-        if meta.get("arch") != ARCH:
-            raise ModelError(f"{path}: architecture {meta.get('arch')!r}, expected {ARCH!r}")
-        model = Net()
+    except Exception as e:  # torch raises many types for a damaged file; all mean "not usable"
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelError(
+            f"{path}: not a readable PyTorch checkpoint (damaged or truncated?): {reason[:120]}"
+        ) from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "meta" not in ckpt:
+        raise ModelError(f"{path}: not an mnist-queue checkpoint (expected 'model' and 'meta' entries)")
+    state, meta = ckpt["model"], dict(ckpt["meta"])
+    if meta.get("arch") != ARCH:
+        raise ModelError(f"{path}: architecture {meta.get('arch')!r}, expected {ARCH!r}")
+    model = Net()
+    try:
         model.load_state_dict(state)
-    except ModelError:
-        raise
-    except Exception as e:  # torch raises many types for a bad file; all mean "not usable"
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"{path}: not a usable mnist-queue checkpoint ({reason[:200]})") from None
+    except (RuntimeError, TypeError, AttributeError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelError(f"{path}: weights do not fit the model: {reason[:120]}") from None
     model.eval()
     version = weights_version(model.state_dict())
     if meta.get("version") not in (None, version):

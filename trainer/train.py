@@ -13,12 +13,13 @@ import math
 import platform
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from mnistq.settings import DEFAULT_MODEL
@@ -53,6 +54,16 @@ def augment(
     theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def ema_avg(decay: float) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """EMA with a warm-up: early steps average fast, so short runs are not dragged to init."""
+
+    def avg(averaged: torch.Tensor, current: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        d = min(decay, (1 + float(n)) / (10 + float(n)))
+        return averaged * d + current * (1 - d)
+
+    return avg
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -131,7 +142,7 @@ def train(args: argparse.Namespace) -> dict[str, float | str]:
     print(f"training on {n} images, {device} {precision}, {args.epochs} epochs, seed {args.seed}")
 
     model = prepare(Net(), device)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema)) if args.ema > 0 else None
+    ema = AveragedModel(model, avg_fn=ema_avg(args.ema)) if args.ema > 0 else None
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch, pct_start=0.2
