@@ -22,12 +22,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # runnable without installing the project
+import trainer.train as our_train
+from trainer import data
+from trainer.model import Net, pick_device
 
-import trainer.train as our_train  # noqa: E402
-from trainer import data  # noqa: E402
-from trainer.model import Net, pick_device  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 class Reached(Exception):

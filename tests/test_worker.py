@@ -199,3 +199,20 @@ def test_bf16_and_fp32_agree_in_the_worker_engine() -> None:
     auto = Engine(Settings(precision="auto", model=SHIPPED_MODEL))
     same = (auto.infer(x).probs.argmax(1) == fp32).mean()
     assert same >= 0.99, f"{auto.precision} and fp32 disagree on {1 - same:.1%} of inputs"
+
+
+def test_two_workers_share_one_redis_and_sigterm_loses_nothing(start_worker, tmp_path: Path) -> None:
+    alpha = start_worker("alpha@%h", MNISTQ_BATCH_SIZE="16")
+    start_worker("beta@%h", MNISTQ_BATCH_SIZE="16")
+    digits = write_digits(tmp_path / "two", 500)
+    with Client(alpha.url, batch_size=8) as client:
+        job = client.enqueue(list(digits))
+        while job.done < 40:
+            client.pump(0.5)
+        alpha.signal(signal.SIGTERM)  # warm shutdown: it finishes what it holds, beta does the rest
+        results = job.results(timeout=120)
+    assert alpha.proc is not None and alpha.proc.wait(30) == 0
+    assert [r.digit for r in results] == list(digits.values())
+    by_worker = {name: sum(r.extra["worker"].startswith(name) for r in results) for name in ("alpha", "beta")}
+    assert by_worker["alpha"] > 0 and by_worker["beta"] > 0, by_worker
+    assert "Warm shutdown" in alpha.text()
