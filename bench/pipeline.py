@@ -119,10 +119,17 @@ def main() -> None:
         burst = t1 - t0
         acc, _ = accuracy(run.csv)
         report.append(
-            ["burst: move to last row", len(files), burst, len(files) / burst, limit_s / burst, acc]
+            ["burst: move to last row", len(files), burst, len(files) / burst, limit_s / burst, f"{acc:.2%}"]
         )
         report.append(
-            ["in-process limit (no queue)", len(files), limit_s, len(files) / limit_s, 1.0, limit_acc]
+            [
+                "in-process limit (no queue)",
+                len(files),
+                limit_s,
+                len(files) / limit_s,
+                1.0,
+                f"{limit_acc:.2%}",
+            ]
         )
 
         lat = []

@@ -149,7 +149,16 @@ def main() -> None:
     try:
         limit_s, limit_acc = in_process(paths)
         rows = [
-            ["in-process limit (no queue)", len(paths), limit_s, len(paths) / limit_s, 1.0, limit_acc, "", ""]
+            [
+                "in-process limit (no queue)",
+                len(paths),
+                limit_s,
+                len(paths) / limit_s,
+                1.0,
+                f"{limit_acc:.2%}",
+                "",
+                "",
+            ]
         ]
         naive_s = naive(redis.url, paths[: args.naive_images], tmp, env)
         naive_rate = args.naive_images / naive_s
@@ -175,7 +184,7 @@ def main() -> None:
                     s,
                     rate,
                     rate * limit_s / len(paths),
-                    acc,
+                    f"{acc:.2%}",
                     f"{startup:.1f}s",
                     f"{rss:.0f}",
                 ]

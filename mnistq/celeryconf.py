@@ -31,7 +31,9 @@ def make_app(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         result_expires=settings.result_expires,
         task_default_queue=QUEUE,
-        worker_pool="threads",
+        # Celery's CLI treats `--pool prefork` as "the default" and keeps this setting, so the
+        # pool is chosen here (MNISTQ_POOL), not on the command line.
+        worker_pool=settings.pool,
         worker_concurrency=4,
         # Events on, so Flower and `celery events` can follow the work.
         worker_send_task_events=True,

@@ -51,6 +51,7 @@ class Settings:
     result_expires: int = 3600  # MNISTQ_RESULT_EXPIRES: seconds results stay in Redis
     visibility_timeout: int = 30  # MNISTQ_VISIBILITY_TIMEOUT: redelivery after a lost worker
     stats_interval: float = 10.0  # MNISTQ_STATS_INTERVAL: seconds between throughput lines
+    pool: str = "threads"  # MNISTQ_POOL: threads (coalescing batcher) or prefork
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -73,6 +74,7 @@ class Settings:
             result_expires=_int("MNISTQ_RESULT_EXPIRES", 3600),
             visibility_timeout=_int("MNISTQ_VISIBILITY_TIMEOUT", 30),
             stats_interval=float(env.get("MNISTQ_STATS_INTERVAL") or 10.0),
+            pool=env.get("MNISTQ_POOL") or "threads",
         )
         s.validate()
         return s
@@ -84,6 +86,8 @@ class Settings:
             raise ConfigError(f"MNISTQ_DEVICE must be auto, cpu or cuda, not {self.device!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"MNISTQ_PRECISION must be auto, bf16 or fp32, not {self.precision!r}")
+        if self.pool not in ("threads", "prefork"):
+            raise ConfigError(f"MNISTQ_POOL must be threads or prefork, not {self.pool!r}")
         if self.max_pixels < 1:
             raise ConfigError("MNISTQ_MAX_PIXELS must be >= 1")
 

@@ -45,7 +45,16 @@ class Result:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Result:
         known = {"path", "digit", "confidence", "model_version", "error", "id", "probabilities"}
-        return cls(**{k: d.get(k) for k in known}, extra={k: v for k, v in d.items() if k not in known})
+        return cls(
+            path=str(d["path"]),
+            digit=d.get("digit"),
+            confidence=d.get("confidence"),
+            model_version=d.get("model_version"),
+            error=d.get("error"),
+            id=d.get("id"),
+            probabilities=d.get("probabilities"),
+            extra={k: v for k, v in d.items() if k not in known},
+        )
 
 
 class Job:

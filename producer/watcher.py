@@ -175,7 +175,8 @@ class Watcher:
             if len(self.ready) < self.opts.batch_size and not flush:
                 return
             room = self.opts.max_inflight - len(self.inflight)
-            paths, ids = [], []
+            paths: list[str] = []
+            ids: list[str] = []
             while self.ready and len(paths) < min(self.opts.batch_size, room):
                 path = self.ready.popleft()
                 try:

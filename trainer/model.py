@@ -136,4 +136,4 @@ def autocast(device: torch.device, precision: str) -> AbstractContextManager[Any
 
 def prepare(model: nn.Module, device: torch.device) -> nn.Module:
     """channels_last lets oneDNN / cuDNN pick their fast convolution kernels."""
-    return model.to(device, memory_format=torch.channels_last)
+    return model.to(device).to(memory_format=torch.channels_last)

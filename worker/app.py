@@ -30,6 +30,8 @@ app = make_app(settings)
 
 class _State:
     batcher: Any = None
+    start_version: str | None = None
+    processes = 1  # prefork children on this machine, for the threads-per-process split
     images = 0
     batches = 0
     since = time.monotonic()
@@ -91,12 +93,15 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
         settings.require_redis()
     except MnistqError as e:
         _fail_start(str(e), 2)
-    if "prefork" in str(app.conf.worker_pool):
+    # The command line's --pool/--concurrency override the config; the sender knows the result.
+    pool = str(getattr(sender, "pool_cls", app.conf.worker_pool))
+    state.processes = int(getattr(sender, "concurrency", None) or 1)
+    if "prefork" in pool:
         # Check the checkpoint once here, so a bad file fails the start, not every child.
         from trainer.model import load_checkpoint
 
         try:
-            load_checkpoint(settings.model)
+            state.start_version = load_checkpoint(settings.model).version
         except MnistqError as e:
             _fail_start(str(e), 3)
         return
@@ -105,15 +110,15 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
 
 @signals.worker_process_init.connect
 def _on_worker_process_init(**_: Any) -> None:
-    _start_engine(processes=int(app.conf.worker_concurrency or 1))
+    _start_engine(processes=state.processes)
 
 
 @inspect_command()
 def mnistq_model(state_: Any) -> dict[str, Any]:
-    """`celery inspect mnistq_model` / `mnistq status`: the model this worker serves."""
+    """`mnistq status`: the model this worker serves."""
     batcher = state.batcher
-    if batcher is None:
-        return {"version": None, "pool": str(app.conf.worker_pool)}
+    if batcher is None:  # prefork: the model lives in the children, which reload on their own
+        return {"version": state.start_version, "device": "prefork", "precision": "(version at start)"}
     engine = batcher.engine
     return {"version": engine.version, "device": str(engine.device), "precision": engine.precision}
 
