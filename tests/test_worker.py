@@ -216,3 +216,29 @@ def test_two_workers_share_one_redis_and_sigterm_loses_nothing(start_worker, tmp
     by_worker = {name: sum(r.extra["worker"].startswith(name) for r in results) for name in ("alpha", "beta")}
     assert by_worker["alpha"] > 0 and by_worker["beta"] > 0, by_worker
     assert "Warm shutdown" in alpha.text()
+
+
+def test_prefork_pool_loads_the_model_in_each_child(start_worker, tmp_path: Path) -> None:
+    w = start_worker("pre@%h", MNISTQ_POOL="prefork")
+    digits = write_digits(tmp_path / "pf", 3)
+    with Client(w.url) as client:
+        assert [r.digit for r in client.classify(list(digits), timeout=60)] == list(digits.values())
+    loads = [line for line in w.text().splitlines() if "version" in line and "threads" in line]
+    assert loads and all("ForkPoolWorker" in line for line in loads), loads  # never in the parent
+
+
+def test_status_lists_live_workers_and_their_model(start_worker) -> None:
+    import json
+
+    w = start_worker("seen@%h")
+    cmd = [
+        sys.executable,
+        "-c",
+        "import sys; from mnistq.cli import main; sys.exit(main(['status', '--json']))",
+    ]
+    out = subprocess.run(cmd, env=w.env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert info["queue_depth"] == 0
+    [(name, model)] = info["workers"].items()
+    assert name.startswith("seen@") and model["version"] == load_checkpoint(SHIPPED_MODEL).version
