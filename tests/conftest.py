@@ -21,7 +21,7 @@ from PIL import Image
 
 from mnistq.settings import QUEUE
 
-_db = itertools.count(1)
+_db = itertools.count()
 
 
 @pytest.fixture(scope="session")
@@ -39,11 +39,13 @@ def redis_server() -> Iterator[str]:
         server.stop()
 
 
-def fresh_db(base: str) -> str:
-    """A flushed database of its own, so workers of different tests never share a queue."""
-    n = next(_db)
-    if n > 15:
-        pytest.fail("out of Redis databases for isolated tests")
+def fresh_db(base: str, n: int | None = None) -> str:
+    """A flushed database, so workers of different tests never share a queue.
+
+    Tests run one after another and stop their workers, so databases 1-14 are reused in turn;
+    15 belongs to the session-wide shared worker.
+    """
+    n = n if n is not None else 1 + next(_db) % 14
     url = base.rsplit("/", 1)[0] + f"/{n}" if base.count("/") > 2 else f"{base.rstrip('/')}/{n}"
     redis.Redis.from_url(url).flushdb()
     return url
@@ -121,7 +123,7 @@ def start_worker(redis_server: str, tmp_path: Path) -> Iterator[Callable[..., Wo
 def shared_worker(redis_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProc]:
     """One worker for the tests that only send it work; files must live under its ``root``."""
     root = tmp_path_factory.mktemp("files")
-    w = WorkerProc(fresh_db(redis_server), "shared@%h", root, root.parent / "shared-worker.log")
+    w = WorkerProc(fresh_db(redis_server, 15), "shared@%h", root, root.parent / "shared-worker.log")
     w.root = root  # type: ignore[attr-defined]
     w.start()
     yield w

@@ -79,6 +79,15 @@ def to_gray(im: Image.Image) -> np.ndarray:
     return gray * alpha + paper * (1.0 - alpha)
 
 
+def _background(a: np.ndarray) -> np.ndarray:
+    """Slowly varying paper tone (lighting, shadows): the local minimum at a scale above strokes."""
+    h, w = a.shape
+    k = max(2, min(h, w) // 16)
+    small = Image.fromarray(a, "F").reduce(k)
+    bg = small.filter(ImageFilter.MinFilter(5))
+    return np.asarray(bg.resize((w, h), Image.Resampling.BILINEAR), dtype=np.float32)
+
+
 def normalise(gray: np.ndarray) -> np.ndarray:
     """MNIST-style 28x28 float32 in [0, 1] (ink bright) from a luminance array."""
     h, w = gray.shape
@@ -88,16 +97,25 @@ def normalise(gray: np.ndarray) -> np.ndarray:
     )
     paper = float(np.median(border))
     a = gray - paper if paper < 0.5 else paper - gray  # ink bright, paper at zero
-    if max(h, w) > 56:  # a median pass removes speckle on camera-sized images; MNIST-sized ones have none
+    if max(h, w) > 56:  # camera-sized: speckle and uneven paper; MNIST-sized images have neither
         a = np.asarray(Image.fromarray(a.astype(np.float32), "F").filter(ImageFilter.MedianFilter(3)))
+        a = a - _background(a)
+        border = np.concatenate([a[:bw].ravel(), a[-bw:].ravel(), a[:, :bw].ravel(), a[:, -bw:].ravel()])
+        paper = float(np.median(border))
+        a = a - paper
+        border = border - paper
+    else:
+        border = border - paper
     a = np.clip(a, 0.0, None)
     peak = float(a.max())
     if peak <= 0.05:
         raise ImageError("no digit found (blank image)")
     a /= peak
     # Noise floor from the border spread: only ink well above it counts towards the bounding box.
-    spread = float(np.median(np.abs(border - paper))) * 1.4826
-    a[a < max(0.05, 5.0 * spread / peak)] = 0.0
+    spread = float(np.median(np.abs(border))) * 1.4826
+    a[a < min(0.5, max(0.05, 5.0 * spread / peak))] = 0.0
+    if not a.any():
+        raise ImageError("no digit found (only noise)")
     rows, cols = np.flatnonzero(a.any(axis=1)), np.flatnonzero(a.any(axis=0))
     crop = a[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     ch, cw = crop.shape

@@ -27,7 +27,12 @@ def collect_status(timeout: float = 1.0) -> dict[str, Any]:
 
     replies = app.control.broadcast("mnistq_model", reply=True, timeout=timeout)
     workers = {name: info for reply in replies for name, info in reply.items()}
-    return {"broker": maybe_sanitize_url(app.conf.broker_url), "queue": QUEUE, "queue_depth": queue_depth(), "workers": workers}
+    return {
+        "broker": maybe_sanitize_url(app.conf.broker_url),
+        "queue": QUEUE,
+        "queue_depth": queue_depth(),
+        "workers": workers,
+    }
 
 
 def status_main(argv: list[str]) -> int:

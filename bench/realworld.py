@@ -1,0 +1,80 @@
+"""Digits as a camera or scanner gives them, read by the seed's plain resize and by ours.
+
+Each MNIST test digit is printed dark on light paper: scaled 3-6x, placed off-centre on a
+larger canvas of uneven paper tone, blurred a little, with sensor noise, saved as JPEG. The
+seed's preprocessing (grayscale, resize the whole image to 28x28, ToTensor) and ours
+(trainer/images.py) then feed the same shipped model.
+
+    python bench/realworld.py --images 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import DATA, table
+from PIL import Image, ImageFilter
+
+from mnistq.settings import Settings
+from trainer.data import load_split
+from trainer.evaluate import predict_tensor
+from trainer.images import load_image
+from trainer.model import load_checkpoint, pick_device, pick_precision, prepare
+
+
+def photograph(digit: np.ndarray, rng: np.random.Generator) -> Image.Image:
+    scale = rng.uniform(3, 6)
+    size = round(28 * scale)
+    ink = Image.fromarray(digit).resize((size, size), Image.Resampling.BICUBIC)
+    w, h = size + int(rng.integers(40, 200)), size + int(rng.integers(40, 160))
+    ramp = np.linspace(rng.uniform(0.7, 0.85), rng.uniform(0.85, 0.95), w, dtype=np.float32)
+    paper = np.tile(ramp, (h, 1))
+    x, y = int(rng.integers(0, w - size)), int(rng.integers(0, h - size))
+    strokes = np.asarray(ink, dtype=np.float32) / 255
+    paper[y : y + size, x : x + size] *= 1 - 0.85 * strokes  # dark ink on light paper
+    im = Image.fromarray((np.clip(paper, 0, 1) * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(1.0))
+    noisy = np.asarray(im, dtype=np.float32) + rng.normal(0, 6, (h, w))
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).convert("RGB")
+
+
+def seed_preprocess(path: Path) -> np.ndarray:
+    """The original write-up: open, grayscale, resize to 28x28, scale to [0, 1]."""
+    return np.asarray(Image.open(path).convert("L").resize((28, 28)), dtype=np.float32) / 255
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--images", type=int, default=2000, help="test digits to photograph (default: %(default)s)"
+    )
+    p.add_argument("--data-dir", type=Path, default=DATA, help="MNIST folder (default: %(default)s)")
+    args = p.parse_args()
+    x, y, _ = load_split(args.data_dir, "test")
+    rng = np.random.default_rng(0)
+    folder = Path(tempfile.mkdtemp(prefix="mnistq-photos-"))
+    paths = []
+    for i in range(args.images):
+        path = folder / f"{i:05d}.jpg"
+        photograph(x[i, 0].numpy(), rng).save(path, quality=90)
+        paths.append(path)
+    ckpt = load_checkpoint(Settings.from_env().model)
+    device = pick_device("auto")
+    model, precision = prepare(ckpt.model, device), pick_precision(device)
+    labels = y[: args.images]
+    rows = []
+    for name, prep in (
+        ("seed: plain resize", seed_preprocess),
+        ("ours: MNIST-style normalisation", load_image),
+    ):
+        batch = torch.from_numpy(np.stack([prep(q) for q in paths])).unsqueeze(1)
+        pred = predict_tensor(model, batch, ckpt.meta["mean"], ckpt.meta["std"], device, precision).argmax(1)
+        rows.append([name, args.images, f"{float((pred == labels).float().mean()):.2%}"])
+    print(table(rows, ["preprocessing", "images", "accuracy"]))
+
+
+if __name__ == "__main__":
+    main()
