@@ -28,6 +28,21 @@ def _int(name: str, default: int) -> int:
         raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
 
 
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+
+
+def cores() -> int:
+    """The CPUs this process may use (affinity and container limits included where visible)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def _paths(raw: str) -> tuple[Path, ...]:
     return tuple(Path(p).expanduser().resolve() for p in raw.split(os.pathsep) if p)
 
@@ -73,7 +88,7 @@ class Settings:
             max_pixels=_int("MNISTQ_MAX_PIXELS", 40_000_000),
             result_expires=_int("MNISTQ_RESULT_EXPIRES", 3600),
             visibility_timeout=_int("MNISTQ_VISIBILITY_TIMEOUT", 30),
-            stats_interval=float(env.get("MNISTQ_STATS_INTERVAL") or 10.0),
+            stats_interval=_float("MNISTQ_STATS_INTERVAL", 10.0),
             pool=env.get("MNISTQ_POOL") or "threads",
         )
         s.validate()

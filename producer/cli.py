@@ -13,16 +13,12 @@ import time
 from pathlib import Path
 
 from mnistq.errors import MnistqError
-from mnistq.settings import QUEUE, Settings
+from mnistq.settings import QUEUE, Settings, cores
 from producer.client import Client
 from producer.csvsink import CsvSink
 from producer.watcher import Options, Watcher
 
 log = logging.getLogger("mnistq.run")
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _watch_args(prog: str, settings: Settings) -> argparse.ArgumentParser:
@@ -146,7 +142,7 @@ def run_main(argv: list[str]) -> int:
     p.add_argument(
         "--workers",
         type=int,
-        default=min(_cores(), 4),
+        default=min(cores(), 4),
         help="worker processes, each with cores/N torch threads (default here: %(default)s)",
     )
     p.add_argument("--worker-loglevel", default="WARNING", help="default: %(default)s")
@@ -154,37 +150,39 @@ def run_main(argv: list[str]) -> int:
 
     from producer.embedded import EmbeddedRedis
 
-    embedded = None if settings.redis_url else EmbeddedRedis()
-    redis_url = settings.redis_url or embedded.url  # type: ignore[union-attr]
-    inbox = args.inbox.resolve()
-    inbox.mkdir(parents=True, exist_ok=True)
-    env = {
-        **os.environ,
-        "REDIS_URL": redis_url,
-        "MNISTQ_ALLOWED_ROOTS": os.environ.get("MNISTQ_ALLOWED_ROOTS") or str(inbox),
-        "MNISTQ_THREADS": os.environ.get("MNISTQ_THREADS") or str(max(1, _cores() // args.workers)),
-    }
-    workers = Workers(args.workers, env, args.worker_loglevel)
-    result: list[int] = []
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-
-    def watch() -> None:
-        result.append(_watch(args, redis_url, settings, stop))
-
+    result: list[int] = []
+    embedded: EmbeddedRedis | None = None
+    workers: Workers | None = None
+    thread: threading.Thread | None = None
     try:
-        thread = threading.Thread(target=watch, name="mnistq-watch", daemon=True)
+        embedded = None if settings.redis_url else EmbeddedRedis()
+        redis_url = settings.redis_url or embedded.url  # type: ignore[union-attr]
+        inbox = args.inbox.resolve()
+        inbox.mkdir(parents=True, exist_ok=True)
+        env = {
+            **os.environ,
+            "REDIS_URL": redis_url,
+            "MNISTQ_ALLOWED_ROOTS": os.environ.get("MNISTQ_ALLOWED_ROOTS") or str(inbox),
+            "MNISTQ_THREADS": os.environ.get("MNISTQ_THREADS") or str(max(1, cores() // args.workers)),
+        }
+        workers = Workers(args.workers, env, args.worker_loglevel)
+        thread = threading.Thread(
+            target=lambda: result.append(_watch(args, redis_url, settings, stop)),
+            name="mnistq-watch",
+            daemon=True,
+        )
         thread.start()
         while thread.is_alive() and not stop.wait(0.5):
-            try:
-                workers.check()
-            except MnistqError:
-                stop.set()
-                raise
-        thread.join()  # on a signal the watcher finishes the rows in hand, then returns
+            workers.check()
     finally:
-        workers.stop()
+        stop.set()  # on a signal or an error the watcher finishes the rows in hand, then returns
+        if thread is not None:
+            thread.join(120)
+        if workers is not None:
+            workers.stop()
         if embedded is not None:
             embedded.stop()
     return result[0] if result else 1

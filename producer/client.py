@@ -111,7 +111,8 @@ class Client:
         settings = Settings.from_env()
         url = redis_url or settings.require_redis()
         self.app = make_app(Settings(redis_url=url, broker_url=settings.broker_url))
-        self.redis = redis.Redis.from_url(url)
+        # A timeout on the socket, so a vanished broker raises instead of hanging a BLPOP forever.
+        self.redis = redis.Redis.from_url(url, socket_timeout=30)
         self.batch_size = batch_size or settings.batch_size
         self.reply_to = f"mnistq:reply:{uuid.uuid4().hex}"
         self._jobs: dict[str, Job] = {}
@@ -119,11 +120,15 @@ class Client:
         self._pump_lock = threading.Lock()  # one thread blocks on the reply list at a time
 
     def send(self, paths: Sequence[str], ids: Sequence[str] | None = None) -> str:
-        """One message for these paths; returns its task id. Results arrive through ``pump``."""
-        result = self.app.send_task(
-            TASK_NAME, args=[list(paths), list(ids) if ids else None, self.reply_to], queue=QUEUE
+        """One message for these paths; returns its task id. Results arrive through ``receive``."""
+        task_id = str(uuid.uuid4())
+        self.app.send_task(
+            TASK_NAME,
+            args=[list(paths), list(ids) if ids else None, self.reply_to],
+            queue=QUEUE,
+            task_id=task_id,
         )
-        return str(result.id)
+        return task_id
 
     def enqueue(self, paths: Sequence[str | os.PathLike[str]]) -> Job:
         absolute = [os.path.abspath(p) for p in paths]
@@ -131,10 +136,13 @@ class Client:
         job = Job(self, absolute, tasks)
         for start in range(0, len(absolute), self.batch_size):
             end = min(start + self.batch_size, len(absolute))
-            task_id = self.send(absolute[start:end])
+            task_id = str(uuid.uuid4())
             tasks[task_id] = (start, end)
             with self._lock:
                 self._jobs[task_id] = job
+            self.app.send_task(
+                TASK_NAME, args=[absolute[start:end], None, self.reply_to], queue=QUEUE, task_id=task_id
+            )
         return job
 
     def classify(self, paths: Sequence[str | os.PathLike[str]], timeout: float | None = None) -> list[Result]:

@@ -41,9 +41,9 @@ class CsvSink:
         if not self.path.exists() or self.path.stat().st_size == 0:
             return
         data = self.path.read_bytes()
-        if not data.endswith(b"\r\n"):
+        if not data.endswith(b"\n"):
             # Only a crash mid-write (power loss) can leave this; drop the partial row.
-            keep = data.rfind(b"\r\n") + 2 if b"\r\n" in data else 0
+            keep = data.rfind(b"\n") + 1
             log.warning("%s: removing a partial last row (%d bytes)", self.path, len(data) - keep)
             with open(self.path, "r+b") as f:
                 f.truncate(keep)

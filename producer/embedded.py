@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import logging
 import os
@@ -12,6 +11,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from typing import Any
 
 import redis
 
@@ -20,10 +20,16 @@ from mnistq.errors import MnistqError
 log = logging.getLogger(__name__)
 
 
+try:  # looked up now: between fork and exec (preexec_fn) only async-signal-safe work is safe
+    _prctl: Any = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux: the normal shutdown path still stops children
+    _prctl = None
+
+
 def die_with_parent() -> None:
     """preexec_fn: the child gets SIGTERM if we die, even by SIGKILL (Linux), so nothing strays."""
-    with contextlib.suppress(OSError):  # not Linux: the normal shutdown path still stops it
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if _prctl is not None:
+        _prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _free_port() -> int:

@@ -68,6 +68,9 @@ def move_out(path: str, inbox: Path, target_dir: Path, file_id: str) -> str | No
         os.link(path, dest)
     except FileNotFoundError:
         return None  # already gone (moved by a previous run, or by the user)
+    except FileExistsError:  # a file of that name appeared meanwhile: never overwrite it
+        dest = dest.with_name(f"{dest.stem}.{os.getpid()}.{file_id[:8]}{dest.suffix}")
+        os.link(path, dest)
     except OSError:  # another filesystem, or one without hard links
         try:
             shutil.move(path, dest)

@@ -10,6 +10,7 @@ after writing; the polling observer, which sees neither, waits until size and mt
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -93,7 +94,6 @@ class Watcher:
         self.lock = threading.Lock()
         self.inflight: dict[str, tuple[str, float]] = {}  # id -> (path, sent at)
         self.inflight_paths: set[str] = set()
-        self.tasks: dict[str, list[str]] = {}  # task id -> file ids
         self.queued = self.done = self.failed = 0
         self.started = time.monotonic()
         self.bar = tqdm(total=0, unit="img", desc="results", disable=None, dynamic_ncols=True)
@@ -105,6 +105,9 @@ class Watcher:
             return
         now = time.monotonic()
         if kind == "new" or self.opts.polling:  # polling sees no opens or closes: wait for it to settle
+            if len(self.fresh) >= self.cap and path not in self.fresh:
+                self.rescan.set()  # a flood: the folder keeps the files until there is room
+                return
             self.fresh[path] = (now, None)
         elif kind == "open":
             self.fresh.pop(path, None)
@@ -128,7 +131,7 @@ class Watcher:
         """Fresh files become ready after the grace (inotify) or once size and mtime stop changing."""
         now = time.monotonic()
         for path, (seen, key) in list(self.fresh.items()):
-            if not self.opts.polling:
+            if not self.opts.polling and key is None:  # an event told us how it arrived
                 if now - seen >= MOVED_IN_GRACE:
                     del self.fresh[path]
                     self._make_ready(path)
@@ -170,10 +173,8 @@ class Watcher:
                 return
 
     # -- sending ------------------------------------------------------------------------
-    def _send_ready(self, flush: bool) -> None:
+    def _send_ready(self) -> None:
         while self.ready and len(self.inflight) < self.opts.max_inflight:
-            if len(self.ready) < self.opts.batch_size and not flush:
-                return
             room = self.opts.max_inflight - len(self.inflight)
             paths: list[str] = []
             ids: list[str] = []
@@ -189,13 +190,18 @@ class Watcher:
                 ids.append(fid)
             if not paths:
                 continue
-            with self.lock:
+            try:
                 task_id = self.client.send(paths, ids)
+            except Exception:  # the loop's edge: a broker hiccup; the files wait and are sent again
+                log.exception("sending %d files failed; retrying in a second", len(paths))
+                self.ready.extendleft(reversed(paths))
+                time.sleep(1)
+                return
+            with self.lock:
                 now = time.monotonic()
                 for path, fid in zip(paths, ids, strict=True):
                     self.inflight[fid] = (path, now)
                     self.inflight_paths.add(path)
-                self.tasks[task_id] = ids
                 self.queued += len(paths)
             log.debug("sent %d files as task %s", len(paths), task_id)
             self.bar.total = self.queued
@@ -222,24 +228,38 @@ class Watcher:
 
     def _on_results(self, results: list[dict[str, Any]]) -> None:
         for r in results:
-            fid = r.get("id")
+            fid, path = r.get("id"), r["path"]
+            failed = r.get("error") is not None
+            replaced = False
+            if self.sink.write(r):  # False: a redelivered task's second answer, already written
+                log.debug("row written for %s", path)
+                self.done += 1
+                self.failed += failed
+                if failed:
+                    log.info("failed: %s: %s", path, r.get("error"))
+                if fid:
+                    replaced = self._finish(path, fid, failed)
+            # Only now, with its row written and the file moved, is it no longer in flight.
             with self.lock:
                 entry = self.inflight.pop(fid, None) if fid else None
                 if entry:
                     self.inflight_paths.discard(entry[0])
-            if not self.sink.write(r):
-                continue  # a redelivered task's second answer: its row is already there
-            failed = r.get("error") is not None
-            log.debug("row written for %s", r.get("path"))
-            self.done += 1
-            self.failed += failed
-            if failed:
-                log.info("failed: %s: %s", r.get("path"), r.get("error"))
-            if not self.opts.keep and fid:
-                self._move(r["path"], fid, failed)
+            if replaced:  # a new file was dropped under this name meanwhile: it is new work
+                with contextlib.suppress(queue.Full):
+                    self.hints.put_nowait(("new", path))
         self.bar.n = self.done
         self.bar.set_postfix(failed=self.failed, refresh=False)
         self.bar.refresh()
+
+    def _finish(self, path: str, fid: str, failed: bool) -> bool:
+        """Move the file whose row was written out of the inbox; True if another took its name."""
+        try:
+            same = file_id(path, os.stat(path, follow_symlinks=False)) == fid
+        except OSError:
+            return False  # gone already
+        if same and not self.opts.keep:
+            self._move(path, fid, failed)
+        return not same
 
     def _collect(self) -> None:
         while not self.finished.is_set():
@@ -294,7 +314,7 @@ class Watcher:
                 ) or now - last_scan > self.opts.rescan_s:
                     self._scan()
                     last_scan = now
-                self._send_ready(flush=True)
+                self._send_ready()
                 if now - last_log > 10:
                     self._resend_stale()
                     s = self.stats()
@@ -323,7 +343,7 @@ class Watcher:
                 )
                 self.inflight.clear()
             self.finished.set()
-            collector.join(timeout=5)
+            collector.join()  # it returns within one receive; the sink must outlive its writes
             if observer is not None:
                 observer.join(timeout=5)
             self.bar.close()

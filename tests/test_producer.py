@@ -225,6 +225,15 @@ def test_csv_sink_neutralises_formulas_and_survives_a_torn_row(tmp_path: Path) -
     assert rows[0]["error"] == "'@x"
 
 
+def test_csv_sink_keeps_a_file_written_with_plain_newlines(tmp_path: Path) -> None:
+    out = tmp_path / "r.csv"
+    out.write_text("path,digit,confidence,model_version,error,id,finished_at\n/a.png,1,0.9,v,,x1,t\n")
+    sink = CsvSink(out)
+    assert sink.done == {"x1"}
+    sink.close()
+    assert [r["path"] for r in read_rows(out)] == ["/a.png"]
+
+
 def test_client_enqueue_progress_and_classify_cli(
     start_worker: Callable[..., WorkerProc], tmp_path: Path
 ) -> None:

@@ -242,3 +242,27 @@ def test_status_lists_live_workers_and_their_model(start_worker) -> None:
     assert info["queue_depth"] == 0
     [(name, model)] = info["workers"].items()
     assert name.startswith("seen@") and model["version"] == load_checkpoint(SHIPPED_MODEL).version
+
+
+def test_batcher_coalesces_but_never_exceeds_the_batch_size() -> None:
+    from worker.engine import Batcher, Prediction
+
+    sizes: list[int] = []
+
+    class Recorder:
+        def maybe_reload(self) -> None:
+            pass
+
+        def infer(self, images: np.ndarray) -> Prediction:
+            sizes.append(len(images))
+            time.sleep(0.05)  # while this runs, more requests queue up
+            return Prediction(np.tile(images[:, :1, 0], (1, 10)), "v", 1.0, len(images))
+
+    batcher = Batcher(Recorder(), batch_size=10, wait_ms=50)  # type: ignore[arg-type]
+    requests = [np.full((n, 28, 28), i, dtype=np.float32) for i, n in enumerate([3, 4, 6, 1, 9, 2])]
+    futures = [batcher.submit(r) for r in requests]
+    preds = [f.result(timeout=10) for f in futures]
+    batcher.close()
+    assert max(sizes) <= 10 and sum(sizes) == 25 and len(sizes) < len(requests)
+    for i, (req, pred) in enumerate(zip(requests, preds, strict=True)):  # each got its own rows back
+        assert pred.probs.shape == (len(req), 10) and (pred.probs == i).all()

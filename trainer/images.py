@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import stat
 import warnings
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
@@ -146,7 +145,3 @@ def load_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXEL
     except (OSError, ValueError, SyntaxError, EOFError) as e:  # Pillow's ways of saying "damaged"
         raise ImageError(f"damaged or truncated image: {e}") from None
     return normalise(gray)
-
-
-def is_image_name(path: str | Path) -> bool:
-    return Path(path).suffix.lower() in EXTENSIONS

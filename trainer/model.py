@@ -54,6 +54,9 @@ def save_checkpoint(path: Path, state: dict[str, torch.Tensor], meta: dict[str, 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o644 & ~umask)  # mkstemp makes 0600; workers may run as another user
         with os.fdopen(fd, "wb") as f:
             torch.save({"model": state, "meta": {**meta, "version": version}}, f)
             f.flush()

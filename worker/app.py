@@ -1,9 +1,10 @@
 """The Celery app, its settings, the model's lifecycle signals and the one task.
 
-The model is loaded at process start, never at import: in ``worker_process_init`` for the
-prefork pool (after the fork, so oneDNN and CUDA state are never shared between processes), in
-``worker_init`` for the threads pool (the default: task threads decode images while one
-inference thread runs coalesced batches, see worker/engine.py).
+The model is loaded at process start, never at import: in ``worker_init`` for the threads
+pool (the default: task threads decode images while one inference thread runs coalesced
+batches, see worker/engine.py), in ``worker_process_init`` for the prefork pool, after the fork,
+so no oneDNN thread pool or CUDA context crosses it (the prefork parent only reads the
+checkpoint once, on the CPU, to fail the start early).
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ def _start_engine(processes: int) -> None:
         engine = Engine(settings, processes=processes)
     except MnistqError as e:
         _fail_start(str(e), 3)
+    except Exception as e:  # CUDA out of memory, a failed warm-up: Celery would swallow these
+        _fail_start(f"loading the model failed: {type(e).__name__}: {e}", 3)
     state.batcher = Batcher(engine, settings.batch_size, settings.batch_wait_ms, on_batch=_on_batch)
 
 
@@ -189,7 +192,15 @@ def classify(
     """Classify a list of image paths; results also go to the ``reply_to`` Redis list if given."""
     if state.batcher is None:
         raise MnistqError("model not loaded in this process")
-    results = classify_paths(list(paths), ids, self.request.hostname)
+    try:
+        results = classify_paths(list(paths), ids, self.request.hostname)
+    except Exception as e:  # the loop's edge: every path still gets its (error) result
+        log.exception("classifying %d paths failed", len(paths))
+        results = [
+            {"path": p, "id": ids[i] if ids else None, "digit": None, "confidence": None, "probabilities": None,
+             "model_version": None, "error": f"internal error: {type(e).__name__}: {e}", "worker": self.request.hostname}
+            for i, p in enumerate(paths)
+        ]  # fmt: skip
     if reply_to:
         # A list per client: the producer pops whole task results as they finish, no polling.
         client = app.backend.client

@@ -20,8 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mnistq.errors import ModelError
-from mnistq.settings import Settings
+from mnistq.settings import Settings, cores
 from trainer.evaluate import predict_tensor
 from trainer.model import Checkpoint, load_checkpoint, pick_device, pick_precision, prepare
 
@@ -38,8 +37,7 @@ def _signature(path: Path) -> tuple[int, int, int] | None:
 
 def cpu_threads(processes: int) -> int:
     """Torch threads per process so that processes x threads fits the cores we may use."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, processes))
+    return max(1, cores() // max(1, processes))
 
 
 @dataclass
@@ -83,17 +81,18 @@ class Engine:
         sig = _signature(self.path)
         if sig is None or sig == self._signature or sig == self._refused:
             return
+        old = (self.model, self.mean, self.std, self.version)
         try:
             ckpt = load_checkpoint(self.path)
-        except ModelError as e:
+            if ckpt.version != self.version:
+                self._install(ckpt)
+                log.info("hot reload: model version %s -> %s", old[3], self.version)
+        except Exception as e:  # a bad file must never take the serving model down with it
+            self.model, self.mean, self.std, self.version = old
             self._refused = sig
             log.warning("new model file refused, still serving version %s: %s", self.version, e)
             return
         self._signature = sig
-        if ckpt.version != self.version:
-            old = self.version
-            self._install(ckpt)
-            log.info("hot reload: model version %s -> %s", old, self.version)
 
     def infer(self, images: np.ndarray) -> Prediction:
         t0 = time.perf_counter()
@@ -119,6 +118,7 @@ class Batcher:
         self.wait = wait_ms / 1000
         self.on_batch = on_batch
         self._queue: queue.Queue[tuple[np.ndarray, Future[Prediction]] | None] = queue.Queue()
+        self._held: tuple[np.ndarray, Future[Prediction]] | None = None  # starts the next batch
         self._thread = threading.Thread(target=self._run, name="mnistq-batcher", daemon=True)
         self._thread.start()
 
@@ -135,7 +135,7 @@ class Batcher:
         self._thread.join(timeout=10)
 
     def _gather(self) -> list[tuple[np.ndarray, Future[Prediction]]] | None:
-        first = self._queue.get()
+        first, self._held = self._held or self._queue.get(), None
         if first is None:
             return None
         items, n = [first], len(first[0])
@@ -147,6 +147,9 @@ class Batcher:
                 break
             if item is None:
                 self._queue.put(None)  # finish this batch, then stop
+                break
+            if n + len(item[0]) > self.batch_size:
+                self._held = item  # would overflow the batch: it opens the next one
                 break
             items.append(item)
             n += len(item[0])
