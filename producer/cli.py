@@ -138,7 +138,7 @@ def run_main(argv: list[str]) -> int:
         "The main job: an embedded Redis (unless REDIS_URL is set), N workers and the inbox watcher."
     )
     # Separate processes overlap decoding (Python, one core each) with inference better than
-    # threads in one process do: on 2 cores, 2 processes x 1 thread gave 1.28x 1 x 2 threads.
+    # threads in one process do: on 2 cores, 2 processes x 1 thread gave 1.09-1.28x 1 x 2 threads.
     p.add_argument(
         "--workers",
         type=int,
