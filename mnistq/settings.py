@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from mnistq.errors import ConfigError
 
@@ -16,26 +17,19 @@ from mnistq.errors import ConfigError
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "model_state.pt"
 QUEUE = "mnistq"
 TASK_NAME = "mnistq.classify"
+N = TypeVar("N", int, float)
 
 
-def _int(name: str, default: int) -> int:
+def _number(name: str, default: N) -> N:
+    """The variable as a number of the default's type; the default when unset or empty."""
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
     try:
-        return int(raw)
+        return type(default)(raw)
     except ValueError:
-        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
-
-
-def _float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+        kind = "an integer" if isinstance(default, int) else "a number"
+        raise ConfigError(f"{name} must be {kind}, got {raw!r}") from None
 
 
 def cores() -> int:
@@ -79,16 +73,16 @@ class Settings:
             model=Path(env.get("MNISTQ_MODEL") or DEFAULT_MODEL).expanduser(),
             inbox=inbox,
             csv=Path(env.get("MNISTQ_CSV") or "results.csv").expanduser(),
-            batch_size=_int("MNISTQ_BATCH_SIZE", 256),
-            batch_wait_ms=_int("MNISTQ_BATCH_WAIT_MS", 5),
-            threads=_int("MNISTQ_THREADS", 0),
+            batch_size=_number("MNISTQ_BATCH_SIZE", 256),
+            batch_wait_ms=_number("MNISTQ_BATCH_WAIT_MS", 5),
+            threads=_number("MNISTQ_THREADS", 0),
             device=env.get("MNISTQ_DEVICE", "auto"),
             precision=env.get("MNISTQ_PRECISION", "auto"),
             allowed_roots=_paths(roots) if roots else (inbox.resolve(),),
-            max_pixels=_int("MNISTQ_MAX_PIXELS", 40_000_000),
-            result_expires=_int("MNISTQ_RESULT_EXPIRES", 3600),
-            visibility_timeout=_int("MNISTQ_VISIBILITY_TIMEOUT", 30),
-            stats_interval=_float("MNISTQ_STATS_INTERVAL", 10.0),
+            max_pixels=_number("MNISTQ_MAX_PIXELS", 40_000_000),
+            result_expires=_number("MNISTQ_RESULT_EXPIRES", 3600),
+            visibility_timeout=_number("MNISTQ_VISIBILITY_TIMEOUT", 30),
+            stats_interval=_number("MNISTQ_STATS_INTERVAL", 10.0),
             pool=env.get("MNISTQ_POOL") or "threads",
         )
         s.validate()
