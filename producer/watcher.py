@@ -19,16 +19,15 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from tqdm import tqdm
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
 from producer.client import Client
 from producer.csvsink import CsvSink
-from producer.inbox import file_id, move_out, scan, wanted
+from producer.inbox import Hints, file_id, move_out, scan
 
 log = logging.getLogger("mnistq.producer")
 MOVED_IN_GRACE = 0.01  # inotify puts a writer's open right after its create; a mv has none
@@ -47,32 +46,6 @@ class Options:
     settle_s: float = 1.0
     rescan_s: float = 30.0
     resend_s: float = 300.0
-
-
-class _Hints(FileSystemEventHandler):
-    """Runs on watchdog's thread: turns events into (kind, path) hints, never blocks."""
-
-    KINDS: ClassVar[dict[str, str]] = {
-        "created": "new",
-        "moved": "new",
-        "opened": "open",
-        "modified": "write",
-        "closed": "closed",
-        "closed_no_write": "closed_nw",
-    }
-
-    def __init__(self, hints: queue.Queue[tuple[str, str]], overflow: threading.Event) -> None:
-        self.hints, self.overflow = hints, overflow
-
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        kind = self.KINDS.get(event.event_type)
-        path = event.dest_path if event.event_type == "moved" else event.src_path
-        if kind is None or not wanted(str(path)) or (event.is_directory and kind != "new"):
-            return
-        try:
-            self.hints.put_nowait((kind, str(path)))
-        except queue.Full:
-            self.overflow.set()  # the folder still has them; a rescan will find them
 
 
 class Watcher:
@@ -288,7 +261,7 @@ class Watcher:
         observer = None
         if not drain:
             observer = PollingObserver(timeout=0.5) if self.opts.polling else Observer()
-            observer.schedule(_Hints(self.hints, self.rescan), str(self.inbox), recursive=True)
+            observer.schedule(Hints(self.hints, self.rescan), str(self.inbox), recursive=True)
             observer.start()
         log.info(
             "watching %s (%s)%s",
