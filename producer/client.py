@@ -65,20 +65,23 @@ class Job:
         self.paths = paths
         self.tasks = tasks  # task id -> (start, end) slice of paths
         self._results: list[Result | None] = [None] * len(paths)
-        self._new: list[Result] = []
-        self.done = 0
+        self._new: list[Result] = []  # in arrival order
 
     @property
     def total(self) -> int:
         return len(self.paths)
 
+    @property
+    def done(self) -> int:
+        return len(self._new)
+
     def _deliver(self, task_id: str, results: list[dict[str, Any]]) -> None:
         start, end = self.tasks[task_id]
+        # Called once per task: the client forgets a task on its first answer, so a redelivered
+        # task's second answer never gets here.
         for i, r in zip(range(start, end), results, strict=True):
-            if self._results[i] is None:  # a redelivered task answers twice; keep the first
-                self._results[i] = res = Result.from_dict(r)
-                self._new.append(res)
-                self.done += 1
+            self._results[i] = res = Result.from_dict(r)
+            self._new.append(res)
 
     def as_completed(self, timeout: float | None = None) -> Iterator[Result]:
         """Yield each result as it arrives (any order)."""

@@ -132,6 +132,11 @@ def _on_worker_shutdown(**_: Any) -> None:
         state.batcher.close()
 
 
+def _blank_result(path: str, file_id: str | None, error: str | None = None) -> dict[str, Any]:
+    return {"path": path, "id": file_id, "digit": None, "confidence": None, "probabilities": None,
+            "model_version": None, "error": error}  # fmt: skip
+
+
 def classify_paths(
     paths: list[str], ids: list[str] | None = None, hostname: str | None = None
 ) -> list[dict[str, Any]]:
@@ -145,15 +150,7 @@ def classify_paths(
     results: list[dict[str, Any]] = []
     arrays, slots = [], []
     for i, raw in enumerate(paths):
-        result: dict[str, Any] = {
-            "path": raw,
-            "id": ids[i] if ids else None,
-            "digit": None,
-            "confidence": None,
-            "probabilities": None,
-            "model_version": None,
-            "error": None,
-        }
+        result = _blank_result(raw, ids[i] if ids else None)
         try:
             arrays.append(load_image(checked_path(raw, settings.allowed_roots), settings.max_pixels))
             slots.append(i)
@@ -196,11 +193,8 @@ def classify(
         results = classify_paths(list(paths), ids, self.request.hostname)
     except Exception as e:  # the loop's edge: every path still gets its (error) result
         log.exception("classifying %d paths failed", len(paths))
-        results = [
-            {"path": p, "id": ids[i] if ids else None, "digit": None, "confidence": None, "probabilities": None,
-             "model_version": None, "error": f"internal error: {type(e).__name__}: {e}", "worker": self.request.hostname}
-            for i, p in enumerate(paths)
-        ]  # fmt: skip
+        error = f"internal error: {type(e).__name__}: {e}"
+        results = [_blank_result(p, ids[i] if ids else None, error) for i, p in enumerate(paths)]
     if reply_to:
         # A list per client: the producer pops whole task results as they finish, no polling.
         client = app.backend.client

@@ -64,9 +64,9 @@ class Engine:
         self.infer(np.zeros((8, 28, 28), dtype=np.float32))
 
     def _install(self, ckpt: Checkpoint) -> None:
-        self.model = prepare(ckpt.model, self.device)
+        model = prepare(ckpt.model, self.device)  # may fail: nothing is replaced until it has not
+        self.model, self.version = model, ckpt.version
         self.mean, self.std = float(ckpt.meta["mean"]), float(ckpt.meta["std"])
-        self.version = ckpt.version
         log.info(
             "model %s version %s on %s %s, %d threads",
             self.path,
@@ -81,14 +81,13 @@ class Engine:
         sig = _signature(self.path)
         if sig is None or sig == self._signature or sig == self._refused:
             return
-        old = (self.model, self.mean, self.std, self.version)
+        old = self.version
         try:
             ckpt = load_checkpoint(self.path)
-            if ckpt.version != self.version:
+            if ckpt.version != old:
                 self._install(ckpt)
-                log.info("hot reload: model version %s -> %s", old[3], self.version)
+                log.info("hot reload: model version %s -> %s", old, self.version)
         except Exception as e:  # a bad file must never take the serving model down with it
-            self.model, self.mean, self.std, self.version = old
             self._refused = sig
             log.warning("new model file refused, still serving version %s: %s", self.version, e)
             return
