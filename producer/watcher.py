@@ -163,19 +163,24 @@ class Watcher:
                 ids.append(fid)
             if not paths:
                 continue
-            try:
-                task_id = self.client.send(paths, ids)
-            except Exception:  # the loop's edge: a broker hiccup; the files wait and are sent again
-                log.exception("sending %d files failed; retrying in a second", len(paths))
-                self.ready.extendleft(reversed(paths))
-                time.sleep(1)
-                return
+            # In flight before it is sent: a reply can come back before send() returns.
             with self.lock:
                 now = time.monotonic()
                 for path, fid in zip(paths, ids, strict=True):
                     self.inflight[fid] = (path, now)
                     self.inflight_paths.add(path)
-                self.queued += len(paths)
+            try:
+                task_id = self.client.send(paths, ids)
+            except Exception:  # the loop's edge: a broker hiccup; the files wait and are sent again
+                log.exception("sending %d files failed; retrying in a second", len(paths))
+                with self.lock:
+                    for path, fid in zip(paths, ids, strict=True):
+                        self.inflight.pop(fid, None)
+                        self.inflight_paths.discard(path)
+                self.ready.extendleft(reversed(paths))
+                time.sleep(1)
+                return
+            self.queued += len(paths)
             log.debug("sent %d files as task %s", len(paths), task_id)
             self.bar.total = self.queued
             self.bar.refresh()
