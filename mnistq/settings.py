@@ -50,7 +50,7 @@ class Settings:
     model: Path = DEFAULT_MODEL  # MNISTQ_MODEL
     inbox: Path = Path("inbox")  # MNISTQ_INBOX
     csv: Path = Path("results.csv")  # MNISTQ_CSV
-    batch_size: int = 256  # MNISTQ_BATCH_SIZE: images per forward pass / per message
+    batch_size: int = 256  # MNISTQ_BATCH_SIZE: images per coalesced batch / per message
     batch_wait_ms: int = 5  # MNISTQ_BATCH_WAIT_MS: how long to wait to fill a batch
     threads: int = 0  # MNISTQ_THREADS: torch threads per worker process (0: cores/processes)
     device: str = "auto"  # MNISTQ_DEVICE: auto|cpu|cuda

@@ -16,7 +16,9 @@ from trainer import data
 from trainer.evaluate import predict_tensor
 from trainer.model import (
     ARCH,
+    Net,
     bf16_supported,
+    inference_chunk,
     load_checkpoint,
     pick_device,
     prepare,
@@ -113,6 +115,27 @@ def test_training_learns_the_tiny_set(tiny, tmp_path):
     args = ["--data-dir", str(tiny), "--epochs", "6", "--ema", "0", "--device", "cpu", "--precision", "fp32"]
     assert main([*args, "--out", str(tmp_path / "m.pt")]) == 0
     assert load_checkpoint(tmp_path / "m.pt").meta["test_accuracy"] >= 0.5  # chance is 0.1
+
+
+@pytest.mark.parametrize("micro", [64, 32, 7])
+def test_passes_accumulate_the_whole_batch_gradient(micro):
+    """A batch run as several smaller passes (the fp32 CPU default) gets the gradient and loss
+    of one whole pass: a speed choice, not a change of recipe."""
+    from trainer.train import backward_in_passes
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(100, 1, 28, 28, generator=gen), torch.randint(0, 10, (100,), generator=gen)
+    cpu = torch.device("cpu")
+    model = Net()
+    results = []
+    for m in (100, micro):
+        model.zero_grad(set_to_none=True)
+        loss = backward_in_passes(model, x, y, m, 0.1, cpu, "fp32")
+        results.append((loss, [p.grad.clone() for p in model.parameters()]))
+    (whole_loss, whole), (loss, grads) = results
+    torch.testing.assert_close(loss, whole_loss)
+    for g, w in zip(grads, whole, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
 
 
 # --- atomic saves -------------------------------------------------------------------------------
@@ -258,3 +281,17 @@ def test_bf16_and_fp32_agree():
     ]
     agree = float((preds[0] == preds[1]).float().mean())
     assert agree >= 0.999, f"bf16 and fp32 disagree on {(1 - agree):.2%} of the test set"
+
+
+def test_chunked_inference_matches_one_pass_in_either_memory_format():
+    """The CPU runs the model in cache-sized chunks and trains in NCHW: neither changes an answer."""
+    ckpt = load_checkpoint(SHIPPED_MODEL)
+    cpu = torch.device("cpu")
+    x = torch.randint(0, 256, (150, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    mean, std = ckpt.meta["mean"], ckpt.meta["std"]
+    whole = predict_tensor(prepare(ckpt.model, cpu), x, mean, std, cpu, "fp32", batch=150)
+    chunked = predict_tensor(prepare(ckpt.model, cpu), x, mean, std, cpu, "fp32")
+    nchw = predict_tensor(prepare(ckpt.model, cpu, torch.contiguous_format), x, mean, std, cpu, "fp32")
+    assert inference_chunk(cpu, "fp32") < len(x)  # so the default really ran in chunks
+    torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(nchw, whole, rtol=1e-4, atol=1e-5)

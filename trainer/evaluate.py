@@ -12,7 +12,14 @@ from torch import nn
 
 from mnistq.settings import Settings
 from trainer import data
-from trainer.model import autocast, load_checkpoint, pick_device, pick_precision, prepare
+from trainer.model import (
+    autocast,
+    inference_chunk,
+    load_checkpoint,
+    pick_device,
+    pick_precision,
+    prepare,
+)
 
 
 @torch.inference_mode()
@@ -23,9 +30,13 @@ def predict_tensor(
     std: float,
     device: torch.device,
     precision: str,
-    batch: int = 1024,
+    batch: int | None = None,
 ) -> torch.Tensor:
-    """Class probabilities [N, 10] for images in [0, 1] (float) or 0..255 (uint8), [N, 1, 28, 28]."""
+    """Class probabilities [N, 10] for images in [0, 1] (float) or 0..255 (uint8), [N, 1, 28, 28].
+
+    Runs in chunks of ``batch`` images, by default the device's ``inference_chunk``.
+    """
+    batch = batch or inference_chunk(device, precision)
     out = []
     for i in range(0, len(x), batch):
         xb = x[i : i + batch].to(device, non_blocking=True)

@@ -137,6 +137,37 @@ def autocast(device: torch.device, precision: str) -> AbstractContextManager[Any
     return nullcontext()
 
 
-def prepare(model: nn.Module, device: torch.device) -> nn.Module:
+def prepare(
+    model: nn.Module, device: torch.device, fmt: torch.memory_format = torch.channels_last
+) -> nn.Module:
     """channels_last lets oneDNN / cuDNN pick their fast convolution kernels."""
-    return model.to(device).to(memory_format=torch.channels_last)
+    return model.to(device).to(memory_format=fmt)
+
+
+def train_memory_format(device: torch.device, precision: str) -> torch.memory_format:
+    """channels_last for training with bf16 or on CUDA; plain NCHW for fp32 on a CPU.
+
+    Measured on a 2-core AVX2 EPYC (fp32 only): oneDNN's channels_last backward passes ran
+    ~15% slower than NCHW, while its channels_last inference ran ~10% faster.
+    """
+    if precision == "bf16" or device.type == "cuda":
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def micro_batch(device: torch.device, precision: str, batch: int) -> int:
+    """Images per forward/backward pass in training. fp32 on a CPU: 64, whose activations fit
+    the cache (2 x 64 with accumulated gradients ran ~15% faster than 1 x 128 on a 2-core EPYC).
+    bf16 halves the activations and ran faster with larger batches, and a GPU wants them whole."""
+    if device.type == "cpu" and precision == "fp32":
+        return min(64, batch)
+    return batch
+
+
+def inference_chunk(device: torch.device, precision: str) -> int:
+    """Images per forward pass. fp32 on a CPU: 64, which keeps the activations in cache (one pass
+    of 256 ran 1.5-1.9x slower per image than passes of 64 on a 2-core AVX2 EPYC). bf16 on a CPU
+    keeps the 256 it was measured with; a GPU wants passes large."""
+    if device.type == "cpu":
+        return 64 if precision == "fp32" else 256
+    return 1024

@@ -1,7 +1,7 @@
 """The model in a worker process: loaded once, hot-reloaded between batches, fed in batches.
 
 Many task threads submit decoded images; one inference thread coalesces whatever is waiting
-(up to ``batch_size`` images or ``batch_wait_ms``) into a single forward pass. Decoding keeps
+(up to ``batch_size`` images or ``batch_wait_ms``) into one batch for the model. Decoding keeps
 running in the task threads meanwhile, so the cores are not idle while the model works.
 """
 
@@ -49,7 +49,7 @@ class Prediction:
 
 
 class Engine:
-    """Holds the current model; ``infer`` runs one forward pass on a stack of 28x28 images."""
+    """Holds the current model; ``infer`` classifies a stack of 28x28 images."""
 
     def __init__(self, settings: Settings, processes: int = 1) -> None:
         self.path = settings.model
@@ -96,9 +96,7 @@ class Engine:
     def infer(self, images: np.ndarray) -> Prediction:
         t0 = time.perf_counter()
         x = torch.from_numpy(images).unsqueeze(1)
-        probs = predict_tensor(
-            self.model, x, self.mean, self.std, self.device, self.precision, batch=len(x) or 1
-        )
+        probs = predict_tensor(self.model, x, self.mean, self.std, self.device, self.precision)
         return Prediction(probs.numpy(), self.version, (time.perf_counter() - t0) * 1000, len(x))
 
 
