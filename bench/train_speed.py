@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
@@ -126,6 +125,19 @@ def seed_accuracy(model: nn.Module, test: DataLoader, device: torch.device) -> f
     return right / total
 
 
+def seed_model(device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer]:
+    model = Net().to(device)
+    return model, torch.optim.Adam(model.parameters(), lr=1e-3)
+
+
+def seed_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One step of the seed's loop: cross-entropy, backward, Adam."""
+    opt.zero_grad()
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+
+
 def run_seed(a: argparse.Namespace, device: torch.device, epochs: int) -> tuple[float, float]:
     """The seed's loop: (seconds for `epochs` epochs + one test evaluation, test accuracy)."""
     from torchvision import datasets, transforms
@@ -138,17 +150,11 @@ def run_seed(a: argparse.Namespace, device: torch.device, epochs: int) -> tuple[
         train_set = Subset(train_set, range(a.limit))
     test_set = datasets.MNIST(str(a.data_dir), train=False, download=False, transform=tf)
     loader = DataLoader(train_set, batch_size=64, shuffle=True)
-    model = Net().to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    loss_fn = nn.CrossEntropyLoss()
+    model, opt = seed_model(device)
     for _ in range(epochs):
         model.train()
         for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            opt.zero_grad()
-            loss = loss_fn(model(x), y)
-            loss.backward()
-            opt.step()
+            seed_step(model, opt, x.to(device), y.to(device))
     acc = seed_accuracy(model, DataLoader(test_set, batch_size=1000), device)
     return time.perf_counter() - t0, acc
 
@@ -157,18 +163,14 @@ def seed_compute_floor(device: torch.device, n: int, steps: int = 40) -> float:
     """Seconds for the seed's fp32 training steps alone (random batches of 64, no data loading),
     extrapolated to an epoch of n images: what no loop running those same fp32 steps can beat."""
     torch.manual_seed(0)
-    model = Net().to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model, opt = seed_model(device)
     x, y = torch.randn(64, 1, 28, 28, device=device), torch.randint(0, 10, (64,), device=device)
     for i in range(5 + steps):
         if i == 5:  # after oneDNN / cuDNN have picked their kernels
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        seed_step(model, opt, x, y)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - t0) / (64 * steps) * n

@@ -176,10 +176,10 @@ def train(args: argparse.Namespace) -> dict[str, float | str]:
     n = len(x_train)
     steps_per_epoch = math.ceil(n / args.batch_size)
     fmt = train_memory_format(device, precision)
-    micro = args.micro_batch or micro_batch(device, precision, args.batch_size)
+    micro = min(args.micro_batch or micro_batch(device, precision, args.batch_size), args.batch_size)
     print(
         f"training on {n} images, {device} {precision}, {args.epochs} epochs, seed {args.seed}, "
-        f"batch {args.batch_size} in passes of {min(micro, args.batch_size)}"
+        f"batch {args.batch_size} in passes of {micro}"
     )
 
     model = prepare(Net(), device, fmt)
