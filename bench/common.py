@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from mnistq.images import load_image
 from mnistq.settings import Settings
 from trainer.data import load_split
-from trainer.images import load_image
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data"

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 from celery import Celery, signals
 
+from mnistq.images import load_image
 from mnistq.settings import Settings
-from trainer.images import load_image
 
 app = Celery("naive", broker=os.environ["REDIS_URL"], backend=os.environ["REDIS_URL"])
 app.conf.update(task_default_queue="naive", accept_content=["json"], worker_prefetch_multiplier=4)

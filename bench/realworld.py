@@ -19,11 +19,10 @@ import torch
 from common import DATA, table
 from PIL import Image, ImageFilter
 
+from mnistq.images import load_image
 from mnistq.settings import Settings
 from trainer.data import load_split
-from trainer.evaluate import predict_tensor
-from trainer.images import load_image
-from trainer.model import load_checkpoint, pick_device, pick_precision, prepare
+from trainer.model import load_checkpoint, pick_device, pick_precision, predict_probs, prepare
 
 
 def photograph(digit: np.ndarray, rng: np.random.Generator) -> Image.Image:
@@ -71,7 +70,7 @@ def main() -> None:
         ("ours: MNIST-style normalisation", load_image),
     ):
         batch = torch.from_numpy(np.stack([prep(q) for q in paths])).unsqueeze(1)
-        pred = predict_tensor(model, batch, ckpt.meta["mean"], ckpt.meta["std"], device, precision).argmax(1)
+        pred = predict_probs(model, batch, ckpt.meta["mean"], ckpt.meta["std"], device, precision).argmax(1)
         rows.append([name, args.images, f"{float((pred == labels).float().mean()):.2%}"])
     print(table(rows, ["preprocessing", "images", "accuracy"]))
 

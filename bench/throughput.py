@@ -17,7 +17,7 @@ from pathlib import Path
 
 from common import DATA, REPO, cores, export_pngs, in_process, label_of, table
 
-from mnistq.settings import QUEUE
+from mnistq.protocol import QUEUE
 from producer import Client
 from producer.embedded import EmbeddedRedis
 

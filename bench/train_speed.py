@@ -93,7 +93,7 @@ def run_ours(a: argparse.Namespace, out: Path) -> tuple[float, float]:
 
 def ours_to_target(a: argparse.Namespace, out: Path, y_test: torch.Tensor) -> tuple[float, int, float]:
     """Seconds and epochs for our trainer (10-epoch schedule) to first reach a.target."""
-    real = our_train.predict_tensor
+    real = our_train.predict_probs
     accs: list[float] = []
 
     def watched(*args, **kwargs):
@@ -103,14 +103,14 @@ def ours_to_target(a: argparse.Namespace, out: Path, y_test: torch.Tensor) -> tu
             raise Reached
         return probs
 
-    our_train.predict_tensor = watched
+    our_train.predict_probs = watched
     t0 = time.perf_counter()
     try:
         our_train.train(our_args(a, out, 10))
     except Reached:
         pass
     finally:
-        our_train.predict_tensor = real
+        our_train.predict_probs = real
     return time.perf_counter() - t0, len(accs), accs[-1]
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from celery import Celery
 
-from mnistq.settings import QUEUE, Settings
+from mnistq.protocol import QUEUE
+from mnistq.settings import Settings
 
 
 def make_app(settings: Settings) -> Celery:

@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 from mnistq.errors import MnistqError
-from mnistq.settings import QUEUE, Settings, cores
+from mnistq.protocol import QUEUE
+from mnistq.settings import Settings, cores
 from producer.client import Client
 from producer.csvsink import CsvSink
 from producer.watcher import Options, Watcher

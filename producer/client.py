@@ -20,7 +20,8 @@ import redis
 
 from mnistq.celeryconf import make_app
 from mnistq.errors import MnistqError
-from mnistq.settings import QUEUE, TASK_NAME, Settings
+from mnistq.protocol import QUEUE, TASK_NAME
+from mnistq.settings import Settings
 
 
 class ResultTimeout(MnistqError):

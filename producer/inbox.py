@@ -15,7 +15,7 @@ from typing import ClassVar
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
-from trainer.images import EXTENSIONS
+from mnistq.protocol import EXTENSIONS
 
 _TEMP_SUFFIXES = (".part", ".tmp", ".crdownload", ".partial", ".swp", ".swx", ".download", "~")
 

@@ -19,7 +19,7 @@ import redis
 from helpers_images import DIGITS, SHIPPED_MODEL, digit_image
 from PIL import Image
 
-from mnistq.settings import QUEUE
+from mnistq.protocol import QUEUE
 
 _db = itertools.count()
 

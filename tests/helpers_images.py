@@ -4,7 +4,7 @@ A plain module next to the tests (tests/ is not a package): pytest's default "pr
 mode puts this folder on sys.path, so tests import it as ``from helpers_images import ...``.
 
 The digit images are rendered from Pillow's bundled font (``ImageFont.load_default(size=...)``,
-FreeType) and passed through ``trainer.images.normalise``, so they exist on every machine without
+FreeType) and passed through ``mnistq.images.normalise``, so they exist on every machine without
 the MNIST files. The shipped model reads each digit in ``DIGITS`` as itself with confidence > 0.9
 (the model was trained with label smoothing 0.1, so ~0.95 is its ceiling); the stroke widths
 below were picked by sweeping widths 0-11 for every digit and keeping the middle of a range
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from trainer.images import normalise
+from mnistq.images import normalise
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_MODEL = REPO_ROOT / "model_state.pt"

@@ -16,9 +16,8 @@ from helpers_images import DIGITS, SHIPPED_MODEL, digit_image, run_mnistq
 from PIL import Image, ImageFile
 
 from mnistq.errors import ImageError
-from trainer.evaluate import predict_tensor
-from trainer.images import load_image
-from trainer.model import load_checkpoint
+from mnistq.images import load_image
+from trainer.model import load_checkpoint, predict_probs
 
 CLI_TIMEOUT = pytest.mark.timeout(120)
 
@@ -113,16 +112,16 @@ def ckpt():
 
 def classify(ckpt, arrays: list[np.ndarray]) -> list[int]:
     x = torch.from_numpy(np.stack(arrays)).unsqueeze(1)
-    probs = predict_tensor(ckpt.model, x, ckpt.meta["mean"], ckpt.meta["std"], torch.device("cpu"), "fp32")
+    probs = predict_probs(ckpt.model, x, ckpt.meta["mean"], ckpt.meta["std"], torch.device("cpu"), "fp32")
     return probs.argmax(1).tolist()
 
 
-# --- in process: trainer.images.load_image ------------------------------------------------------
+# --- in process: mnistq.images.load_image ------------------------------------------------------
 
 
 def test_rendered_digits_are_read_confidently(ckpt):
     x = torch.from_numpy(np.stack([digit_image(d) for d in DIGITS])).unsqueeze(1)
-    probs = predict_tensor(ckpt.model, x, ckpt.meta["mean"], ckpt.meta["std"], torch.device("cpu"), "fp32")
+    probs = predict_probs(ckpt.model, x, ckpt.meta["mean"], ckpt.meta["std"], torch.device("cpu"), "fp32")
     conf, pred = probs.max(1)
     assert pred.tolist() == list(DIGITS)
     assert conf.min().item() > 0.9, conf.tolist()

@@ -13,7 +13,6 @@ from helpers_images import REAL_DATA, SHIPPED_MODEL, make_tiny_mnist, run_mnistq
 
 from mnistq.errors import ModelError
 from trainer import data
-from trainer.evaluate import predict_tensor
 from trainer.model import (
     ARCH,
     Net,
@@ -21,6 +20,7 @@ from trainer.model import (
     inference_chunk,
     load_checkpoint,
     pick_device,
+    predict_probs,
     prepare,
     save_checkpoint,
     weights_version,
@@ -276,7 +276,7 @@ def test_bf16_and_fp32_agree():
     model = prepare(ckpt.model, device)
     x, _, _ = data.load_split(REAL_DATA, "test")
     preds = [
-        predict_tensor(model, x, ckpt.meta["mean"], ckpt.meta["std"], device, p).argmax(1)
+        predict_probs(model, x, ckpt.meta["mean"], ckpt.meta["std"], device, p).argmax(1)
         for p in ("fp32", "bf16")
     ]
     agree = float((preds[0] == preds[1]).float().mean())
@@ -289,9 +289,9 @@ def test_chunked_inference_matches_one_pass_in_either_memory_format():
     cpu = torch.device("cpu")
     x = torch.randint(0, 256, (150, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     mean, std = ckpt.meta["mean"], ckpt.meta["std"]
-    whole = predict_tensor(prepare(ckpt.model, cpu), x, mean, std, cpu, "fp32", batch=150)
-    chunked = predict_tensor(prepare(ckpt.model, cpu), x, mean, std, cpu, "fp32")
-    nchw = predict_tensor(prepare(ckpt.model, cpu, torch.contiguous_format), x, mean, std, cpu, "fp32")
+    whole = predict_probs(prepare(ckpt.model, cpu), x, mean, std, cpu, "fp32", batch=150)
+    chunked = predict_probs(prepare(ckpt.model, cpu), x, mean, std, cpu, "fp32")
+    nchw = predict_probs(prepare(ckpt.model, cpu, torch.contiguous_format), x, mean, std, cpu, "fp32")
     assert inference_chunk(cpu, "fp32") < len(x)  # so the default really ran in chunks
     torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(nchw, whole, rtol=1e-4, atol=1e-5)

@@ -1,5 +1,1 @@
-"""Training, the model definition, checkpoints and image normalisation.
-
-Submodules import torch only where they need it: ``trainer.images`` is torch-free so the
-producer side never pays for (or needs) torch.
-"""
+"""Training, the model definition, checkpoints and in-process inference (all need torch)."""

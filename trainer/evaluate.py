@@ -1,4 +1,4 @@
-"""Test-set accuracy of a checkpoint, and batched inference shared with training."""
+"""`mnistq evaluate`: test-set accuracy of a checkpoint."""
 
 from __future__ import annotations
 
@@ -8,44 +8,10 @@ import sys
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from mnistq.settings import Settings
 from trainer import data
-from trainer.model import (
-    autocast,
-    inference_chunk,
-    load_checkpoint,
-    pick_device,
-    pick_precision,
-    prepare,
-)
-
-
-@torch.inference_mode()
-def predict_tensor(
-    model: nn.Module,
-    x: torch.Tensor,
-    mean: float,
-    std: float,
-    device: torch.device,
-    precision: str,
-    batch: int | None = None,
-) -> torch.Tensor:
-    """Class probabilities [N, 10] for images in [0, 1] (float) or 0..255 (uint8), [N, 1, 28, 28].
-
-    Runs in chunks of ``batch`` images, by default the device's ``inference_chunk``.
-    """
-    batch = batch or inference_chunk(device, precision)
-    out = []
-    for i in range(0, len(x), batch):
-        xb = x[i : i + batch].to(device, non_blocking=True)
-        xb = xb.float().div_(255.0) if xb.dtype == torch.uint8 else xb.float()
-        xb = ((xb - mean) / std).contiguous(memory_format=torch.channels_last)
-        with autocast(device, precision):
-            logits = model(xb)
-        out.append(torch.softmax(logits.float(), dim=1).cpu())
-    return torch.cat(out) if out else torch.empty(0, 10)
+from trainer.model import load_checkpoint, pick_device, pick_precision, predict_probs, prepare
 
 
 def confusion(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -76,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     data.ensure_downloaded(args.data_dir)
     x, y, digest = data.load_split(args.data_dir, "test")
     model = prepare(ckpt.model, device)
-    probs = predict_tensor(model, x, ckpt.meta["mean"], ckpt.meta["std"], device, precision)
+    probs = predict_probs(model, x, ckpt.meta["mean"], ckpt.meta["std"], device, precision)
     pred = probs.argmax(1)
     cm = confusion(pred, y)
     acc = float((pred == y).float().mean())

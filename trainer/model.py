@@ -171,3 +171,29 @@ def inference_chunk(device: torch.device, precision: str) -> int:
     if device.type == "cpu":
         return 64 if precision == "fp32" else 256
     return 1024
+
+
+@torch.inference_mode()
+def predict_probs(
+    model: nn.Module,
+    x: torch.Tensor,
+    mean: float,
+    std: float,
+    device: torch.device,
+    precision: str,
+    batch: int | None = None,
+) -> torch.Tensor:
+    """Class probabilities [N, 10] for images in [0, 1] (float) or 0..255 (uint8), [N, 1, 28, 28].
+
+    Runs in chunks of ``batch`` images, by default the device's ``inference_chunk``.
+    """
+    batch = batch or inference_chunk(device, precision)
+    out = []
+    for i in range(0, len(x), batch):
+        xb = x[i : i + batch].to(device, non_blocking=True)
+        xb = xb.float().div_(255.0) if xb.dtype == torch.uint8 else xb.float()
+        xb = ((xb - mean) / std).contiguous(memory_format=torch.channels_last)
+        with autocast(device, precision):
+            logits = model(xb)
+        out.append(torch.softmax(logits.float(), dim=1).cpu())
+    return torch.cat(out) if out else torch.empty(0, 10)

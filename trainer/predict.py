@@ -10,10 +10,9 @@ import numpy as np
 import torch
 
 from mnistq.errors import ImageError
+from mnistq.images import load_image
 from mnistq.settings import Settings
-from trainer.evaluate import predict_tensor
-from trainer.images import load_image
-from trainer.model import load_checkpoint, pick_device, pick_precision, prepare
+from trainer.model import load_checkpoint, pick_device, pick_precision, predict_probs, prepare
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
             failed += 1
     if arrays:
         x = torch.from_numpy(np.stack(arrays)).unsqueeze(1)
-        probs = predict_tensor(model, x, ckpt.meta["mean"], ckpt.meta["std"], device, precision)
+        probs = predict_probs(model, x, ckpt.meta["mean"], ckpt.meta["std"], device, precision)
         conf, digit = probs.max(1)
         for path, d, c in zip(ok, digit.tolist(), conf.tolist(), strict=True):
             if len(args.images) == 1:

@@ -24,7 +24,6 @@ from tqdm import tqdm
 
 from mnistq.settings import DEFAULT_MODEL
 from trainer import data
-from trainer.evaluate import predict_tensor
 from trainer.model import (
     ARCH,
     MNIST_MEAN,
@@ -34,6 +33,7 @@ from trainer.model import (
     micro_batch,
     pick_device,
     pick_precision,
+    predict_probs,
     prepare,
     save_checkpoint,
     train_memory_format,
@@ -218,7 +218,7 @@ def train(args: argparse.Namespace) -> dict[str, float | str]:
                 ema.update_parameters(model)
         rate = n / (time.perf_counter() - t0)
         final = (ema.module if ema is not None else model).eval()
-        probs = predict_tensor(final, x_test, MNIST_MEAN, MNIST_STD, device, precision)
+        probs = predict_probs(final, x_test, MNIST_MEAN, MNIST_STD, device, precision)
         acc = float((probs.argmax(1) == y_test).float().mean())
         print(
             f"epoch {epoch:2d}  loss {float(total_loss) / steps_per_epoch:.4f}  test acc {acc:.2%}  {rate:,.0f} images/s"

@@ -22,7 +22,8 @@ from celery.worker.control import inspect_command
 
 from mnistq.celeryconf import make_app
 from mnistq.errors import ImageError, MnistqError
-from mnistq.settings import QUEUE, TASK_NAME, Settings
+from mnistq.protocol import QUEUE, TASK_NAME
+from mnistq.settings import Settings
 
 log = logging.getLogger("mnistq.worker")
 settings = Settings.from_env()
@@ -143,7 +144,7 @@ def classify_paths(
     """One result per path, in order; a bad file gets an error result, never fails the batch."""
     import numpy as np
 
-    from trainer.images import load_image
+    from mnistq.images import load_image
     from worker.paths import checked_path
 
     t0 = time.perf_counter()

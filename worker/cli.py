@@ -8,7 +8,8 @@ from typing import Any
 
 from kombu.utils.url import maybe_sanitize_url
 
-from mnistq.settings import QUEUE, Settings
+from mnistq.protocol import QUEUE
+from mnistq.settings import Settings
 
 
 def main(argv: list[str]) -> int:

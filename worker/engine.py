@@ -21,8 +21,7 @@ import numpy as np
 import torch
 
 from mnistq.settings import Settings, cores
-from trainer.evaluate import predict_tensor
-from trainer.model import Checkpoint, load_checkpoint, pick_device, pick_precision, prepare
+from trainer.model import Checkpoint, load_checkpoint, pick_device, pick_precision, predict_probs, prepare
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +95,7 @@ class Engine:
     def infer(self, images: np.ndarray) -> Prediction:
         t0 = time.perf_counter()
         x = torch.from_numpy(images).unsqueeze(1)
-        probs = predict_tensor(self.model, x, self.mean, self.std, self.device, self.precision)
+        probs = predict_probs(self.model, x, self.mean, self.std, self.device, self.precision)
         return Prediction(probs.numpy(), self.version, (time.perf_counter() - t0) * 1000, len(x))
 
 

@@ -5,24 +5,25 @@ from __future__ import annotations
 from pathlib import Path
 
 from mnistq.errors import ImageError
+from mnistq.protocol import ErrorKind
 
 
 def checked_path(raw: str, roots: tuple[Path, ...]) -> Path:
     """The real path of ``raw`` if it lies under one of ``roots``; ImageError otherwise.
 
     Symlinks are resolved first, so a link inside the inbox that points out of it is refused.
-    Nothing is opened here; ``trainer.images.open_checked`` then refuses devices and folders
+    Nothing is opened here; ``mnistq.images.open_checked`` then refuses devices and folders
     by ``stat`` before opening.
     """
     p = Path(raw)
     if not p.is_absolute():
-        raise ImageError("path must be absolute")
+        raise ImageError("path must be absolute", ErrorKind.REFUSED)
     if ".." in p.parts:
-        raise ImageError("path must not contain '..'")
+        raise ImageError("path must not contain '..'", ErrorKind.REFUSED)
     try:
         real = p.resolve(strict=False)
     except (OSError, RuntimeError) as e:  # symlink loops
-        raise ImageError(f"cannot resolve path: {e}") from None
+        raise ImageError(f"cannot resolve path: {e}", ErrorKind.REFUSED) from None
     if not any(real.is_relative_to(root) for root in roots):
-        raise ImageError("path is outside the allowed roots (MNISTQ_ALLOWED_ROOTS)")
+        raise ImageError("path is outside the allowed roots (MNISTQ_ALLOWED_ROOTS)", ErrorKind.REFUSED)
     return real

@@ -16,11 +16,12 @@ import numpy as np
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
 from mnistq.errors import ImageError
+from mnistq.protocol import EXTENSIONS, ErrorKind
+from mnistq.settings import Settings
 
-EXTENSIONS = frozenset(
-    {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm"}
-)
-DEFAULT_MAX_PIXELS = 40_000_000
+__all__ = ["EXTENSIONS", "load_image", "normalise"]
+DEFAULT_MAX_PIXELS = Settings.max_pixels
+
 
 # We enforce our own limit before decoding; Pillow's warning would only add noise.
 Image.MAX_IMAGE_PIXELS = None
@@ -31,13 +32,13 @@ def open_checked(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIX
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise ImageError("file not found") from None
+        raise ImageError("file not found", ErrorKind.NOT_FOUND) from None
     except OSError as e:
-        raise ImageError(f"cannot stat file: {e.strerror}") from None
+        raise ImageError(f"cannot stat file: {e.strerror}", ErrorKind.REFUSED) from None
     if stat.S_ISDIR(st.st_mode):
-        raise ImageError("is a directory, not an image")
+        raise ImageError("is a directory, not an image", ErrorKind.REFUSED)
     if not stat.S_ISREG(st.st_mode):
-        raise ImageError("not a regular file")
+        raise ImageError("not a regular file", ErrorKind.REFUSED)
     if st.st_size == 0:
         raise ImageError("empty file")
     try:
@@ -49,7 +50,9 @@ def open_checked(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIX
     w, h = im.size
     if w * h > max_pixels:
         im.close()
-        raise ImageError(f"image too large: {w}x{h} pixels is over the limit of {max_pixels}")
+        raise ImageError(
+            f"image too large: {w}x{h} pixels is over the limit of {max_pixels}", ErrorKind.TOO_LARGE
+        )
     return im
 
 
@@ -108,13 +111,13 @@ def normalise(gray: np.ndarray) -> np.ndarray:
     a = np.clip(a, 0.0, None)
     peak = float(a.max())
     if peak <= 0.05:
-        raise ImageError("no digit found (blank image)")
+        raise ImageError("no digit found (blank image)", ErrorKind.NO_DIGIT)
     a /= peak
     # Noise floor from the border spread: only ink well above it counts towards the bounding box.
     spread = float(np.median(np.abs(border))) * 1.4826
     a[a < min(0.5, max(0.05, 5.0 * spread / peak))] = 0.0
     if not a.any():
-        raise ImageError("no digit found (only noise)")
+        raise ImageError("no digit found (only noise)", ErrorKind.NO_DIGIT)
     rows, cols = np.flatnonzero(a.any(axis=1)), np.flatnonzero(a.any(axis=0))
     crop = a[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     ch, cw = crop.shape

@@ -1,0 +1,158 @@
+"""The contract between producers and workers: task, result record, CSV columns, exit codes.
+
+Everything that crosses a process boundary is spelled here once. Torch-, PIL- and numpy-free,
+so any side may import it.
+
+- **Task** ``mnistq.classify`` on queue ``mnistq``, called with keyword arguments only
+  (:class:`ClassifyRequest`). It stores no Celery result: answers go to the caller's reply list.
+- **Reply**: the worker pushes one JSON object ``{"task_id": ..., "results": [Result, ...]}``
+  (:class:`Reply`) onto the Redis list named by ``reply_to``, which must be ``REPLY_PREFIX`` +
+  32 hex digits.
+- **Result**: one per path, in the request's order, failures included (:class:`Result`).
+- **CSV**: one row per file, columns :data:`CSV_COLUMNS`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field, fields
+from enum import IntEnum, StrEnum
+from typing import Any
+
+QUEUE = "mnistq"
+TASK_NAME = "mnistq.classify"
+REPLY_PREFIX = "mnistq:reply:"
+_REPLY_KEY = re.compile(re.escape(REPLY_PREFIX) + r"[0-9a-f]{32}\Z")
+
+#: The image files the product reads (by extension); the watcher ignores everything else.
+EXTENSIONS = frozenset(
+    {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm"}
+)
+
+
+class ExitCode(IntEnum):
+    """Every command's exit status."""
+
+    OK = 0
+    UNEXPECTED = 1  # a bug or an unforeseen failure: the log has the details
+    CONFIG = 2  # configuration, broker or lock: a person must act
+    MODEL = 3  # the model file is missing or unusable
+    ABANDONED = 4  # stopped by a failure with work in flight left undone (redone on the next start)
+    INTERRUPTED = 130  # a second Ctrl-C: stopped at once
+
+
+class ErrorKind(StrEnum):
+    """Why a file got an error row; the ``error`` text says the details."""
+
+    NOT_FOUND = "not_found"  # gone before a worker opened it
+    REFUSED = "refused"  # outside the allowed roots, not a regular file, a relative path
+    TOO_LARGE = "too_large"  # over MNISTQ_MAX_PIXELS
+    UNREADABLE = "unreadable"  # not an image, or damaged
+    NO_DIGIT = "no_digit"  # blank or only noise
+    INTERNAL = "internal"  # a bug or a failed batch: the worker's log has the traceback
+
+
+def reply_key(token: str) -> str:
+    """The reply list for a client token (32 hex digits, e.g. ``uuid4().hex``)."""
+    key = REPLY_PREFIX + token
+    if not is_reply_key(key):
+        raise ValueError(f"not a reply token: {token!r}")
+    return key
+
+
+def is_reply_key(key: object) -> bool:
+    return isinstance(key, str) and _REPLY_KEY.match(key) is not None
+
+
+@dataclass(frozen=True)
+class ClassifyRequest:
+    """The task's keyword arguments."""
+
+    paths: list[str]
+    ids: list[str] | None = None  # the producer's file ids, echoed back in the results
+    reply_to: str | None = None  # a reply key (see reply_key)
+    probabilities: bool = False  # also return the 10 class probabilities per image
+
+    def to_kwargs(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict[str, Any]) -> ClassifyRequest:
+        """Validate a received message's arguments; ValueError says what is wrong."""
+        paths, ids = kwargs.get("paths"), kwargs.get("ids")
+        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+            raise ValueError("paths must be a list of strings")
+        if ids is not None and (
+            not isinstance(ids, list) or len(ids) != len(paths) or not all(isinstance(i, str) for i in ids)
+        ):
+            raise ValueError("ids must be a list of strings, one per path")
+        return cls(
+            paths=paths,
+            ids=ids,
+            reply_to=kwargs.get("reply_to"),
+            probabilities=bool(kwargs.get("probabilities", False)),
+        )
+
+
+@dataclass
+class Result:
+    """One image's outcome. ``error`` and ``error_kind`` are set together, or neither.
+
+    Fields may be added over time; ``from_dict`` ignores keys it does not know, so an older
+    producer keeps working beside a newer worker.
+    """
+
+    path: str
+    id: str | None = None
+    digit: int | None = None
+    confidence: float | None = None
+    model_version: str | None = None
+    error: str | None = None
+    error_kind: ErrorKind | None = None
+    probabilities: list[float] | None = None
+    worker: str | None = None
+    decode_ms_per_image: float | None = None
+    forward_ms_per_batch: float | None = None
+    forward_batch_size: int | None = None
+
+    @classmethod
+    def failed(cls, path: str, kind: ErrorKind, message: str, file_id: str | None = None) -> Result:
+        return cls(path=path, id=file_id, error=message, error_kind=kind)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Result:
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        kind = kwargs.get("error_kind")
+        if kind is not None:
+            kwargs["error_kind"] = (
+                ErrorKind(kind) if kind in ErrorKind._value2member_map_ else ErrorKind.INTERNAL
+            )
+        elif kwargs.get("error"):
+            kwargs["error_kind"] = ErrorKind.INTERNAL
+        return cls(**kwargs)
+
+
+@dataclass
+class Reply:
+    """What a worker pushes onto a reply list for one task."""
+
+    task_id: str
+    results: list[Result] = field(default_factory=list)
+
+    def dumps(self) -> str:
+        return json.dumps({"task_id": self.task_id, "results": [r.to_dict() for r in self.results]})
+
+    @classmethod
+    def loads(cls, raw: bytes | str) -> Reply:
+        msg = json.loads(raw)
+        return cls(task_id=str(msg["task_id"]), results=[Result.from_dict(r) for r in msg["results"]])
+
+
+#: The results CSV, in order. A CSV written by an older version keeps its own header: rows are
+#: appended under it with the columns it has (see producer/csvsink.py).
+CSV_COLUMNS = ("path", "digit", "confidence", "model_version", "error", "error_kind", "id", "finished_at")
