@@ -3,7 +3,7 @@
 Each MNIST test digit is printed dark on light paper: scaled 3-6x, placed off-centre on a
 larger canvas of uneven paper tone, blurred a little, with sensor noise, saved as JPEG. The
 seed's preprocessing (grayscale, resize the whole image to 28x28, ToTensor) and ours
-(trainer/images.py) then feed the same shipped model.
+(mnistq/images.py) then feed the same shipped model.
 
     python bench/realworld.py --images 2000
 """

@@ -17,9 +17,9 @@ from pathlib import Path
 
 from common import DATA, REPO, cores, export_pngs, in_process, label_of, table
 
-from mnistq.protocol import QUEUE
+from mnistq.embedded import EmbeddedRedis
+from mnistq.supervisor import worker_command
 from producer import Client
-from producer.embedded import EmbeddedRedis
 
 
 def rss_mb(pid: int) -> float:
@@ -49,29 +49,7 @@ def ours(
     log = tmp / f"ours{n_workers}.log"
     env = {**env, "REDIS_URL": url, "MNISTQ_THREADS": str(max(1, cores() // n_workers))}
     t0 = time.perf_counter()
-    procs = [
-        start(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "worker",
-                "worker",
-                "-Q",
-                QUEUE,
-                "-n",
-                f"b{i}@%h",
-                "--loglevel",
-                "WARNING",
-                "--without-mingle",
-                "--without-gossip",
-            ],
-            env,
-            log,
-        )
-        for i in range(n_workers)
-    ]
+    procs = [start(worker_command(f"b{i}@%h", "WARNING"), env, log) for i in range(n_workers)]
     with Client(url) as client:
         client.classify(paths[:8], timeout=120)  # every worker has started once this returns
         startup = time.perf_counter() - t0
@@ -90,26 +68,8 @@ def ours(
 def naive(url: str, paths: list[Path], tmp: Path, env: dict[str, str]) -> float:
     log = tmp / "naive.log"
     env = {**env, "REDIS_URL": url, "MNISTQ_THREADS": "1"}
-    proc = start(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "bench.naive_worker",
-            "worker",
-            "-Q",
-            "naive",
-            "-c",
-            str(cores()),
-            "--loglevel",
-            "INFO",
-            "--without-mingle",
-            "--without-gossip",
-        ],
-        env,
-        log,
-    )
+    cmd = worker_command("naive@%h", "INFO", ["-c", str(cores())], app="bench.naive_worker", queue="naive")
+    proc = start(cmd, env, log)
     wait_log(log, "ready.", 1)
     os.environ["REDIS_URL"] = url
     from naive_worker import app

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from collections.abc import Callable
 
 from mnistq.errors import MnistqError
+from mnistq.protocol import ExitCode
+from mnistq.settings import Settings
 
 
 def _train(argv: list[str]) -> int:
@@ -40,6 +41,12 @@ def _status(argv: list[str]) -> int:
     return status_main(argv)
 
 
+def _run(argv: list[str]) -> int:
+    from mnistq.run import run_main
+
+    return run_main(argv)
+
+
 def _producer(name: str) -> Callable[[list[str]], int]:
     def run(argv: list[str]) -> int:
         from producer import cli
@@ -50,7 +57,7 @@ def _producer(name: str) -> Callable[[list[str]], int]:
 
 
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
-    "run": (_producer("run"), "the main job: embedded Redis + workers + inbox watcher"),
+    "run": (_run, "the main job: embedded Redis + workers + inbox watcher"),
     "watch": (_producer("watch"), "watch an inbox and write results to CSV (needs REDIS_URL)"),
     "classify": (_producer("classify"), "classify image paths through the queue"),
     "worker": (_worker, "start a Celery worker (needs REDIS_URL)"),
@@ -76,14 +83,22 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"mnistq: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    try:
+        settings = Settings.from_env()
+    except MnistqError as e:  # a bad variable: one line, before anything starts
+        print(f"mnistq {name}: error: {e}", file=sys.stderr)
+        return int(e.exit_code)
     logging.basicConfig(
-        level=os.environ.get("MNISTQ_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
         return COMMANDS[name][0](rest)
     except MnistqError as e:  # expected failures: one clear line, no traceback
         print(f"mnistq {name}: error: {e}", file=sys.stderr)
-        return 1
+        return int(e.exit_code)
     except KeyboardInterrupt:
-        return 130
+        return int(ExitCode.INTERRUPTED)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,5 +1,9 @@
-"""The producer side: inbox watcher, results CSV and the Python API. Never imports torch."""
+"""The producer side: inbox watcher, results CSV and the Python API. Never imports torch.
 
-from producer.client import Client, Job, Result, ResultTimeout
+``Result`` is the protocol's result record (:class:`mnistq.protocol.Result`), re-exported here.
+"""
 
-__all__ = ["Client", "Job", "Result", "ResultTimeout"]
+from mnistq.protocol import ErrorKind, Result
+from producer.client import Client, Job, ResultTimeout
+
+__all__ = ["Client", "ErrorKind", "Job", "Result", "ResultTimeout"]

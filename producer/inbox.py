@@ -1,19 +1,14 @@
-"""What counts as work in the inbox, how events become hints, how a file is identified, and
-where it goes when done."""
+"""The inbox's rules: what counts as work, how a file is identified, how a folder is walked,
+and where a file goes when its row is written."""
 
 from __future__ import annotations
 
 import hashlib
 import os
-import queue
 import shutil
 import stat
-import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import ClassVar
-
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
 from mnistq.protocol import EXTENSIONS
 
@@ -85,29 +80,3 @@ def move_out(path: str, inbox: Path, target_dir: Path, file_id: str) -> str | No
         return str(dest)
     os.unlink(path)
     return str(dest)
-
-
-class Hints(FileSystemEventHandler):
-    """Runs on watchdog's thread: turns events into (kind, path) hints, never blocks."""
-
-    KINDS: ClassVar[dict[str, str]] = {
-        "created": "new",
-        "moved": "new",
-        "opened": "open",
-        "modified": "write",
-        "closed": "closed",
-        "closed_no_write": "closed_nw",
-    }
-
-    def __init__(self, hints: queue.Queue[tuple[str, str]], overflow: threading.Event) -> None:
-        self.hints, self.overflow = hints, overflow
-
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        kind = self.KINDS.get(event.event_type)
-        path = event.dest_path if event.event_type == "moved" else event.src_path
-        if kind is None or not wanted(str(path)) or (event.is_directory and kind != "new"):
-            return
-        try:
-            self.hints.put_nowait((kind, str(path)))
-        except queue.Full:
-            self.overflow.set()  # the folder still has them; a rescan will find them

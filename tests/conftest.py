@@ -9,7 +9,6 @@ import itertools
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ import redis
 from helpers_images import DIGITS, SHIPPED_MODEL, digit_image
 from PIL import Image
 
-from mnistq.protocol import QUEUE
+from mnistq.supervisor import worker_command
 
 _db = itertools.count()
 
@@ -30,7 +29,7 @@ def redis_server() -> Iterator[str]:
     if os.environ.get("REDIS_URL"):
         yield os.environ["REDIS_URL"]
         return
-    from producer.embedded import EmbeddedRedis
+    from mnistq.embedded import EmbeddedRedis
 
     server = EmbeddedRedis()
     try:
@@ -65,8 +64,7 @@ class WorkerProc:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, wait: bool = True) -> WorkerProc:
-        cmd = [sys.executable, "-m", "celery", "-A", "worker", "--quiet", "worker", "-Q", QUEUE, "-n", self.name,
-               "--loglevel", "INFO", "--without-mingle", "--without-gossip"]  # fmt: skip
+        cmd = worker_command(self.name, "INFO")
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True

@@ -17,6 +17,7 @@ from PIL import Image, ImageFile
 
 from mnistq.errors import ImageError
 from mnistq.images import load_image
+from mnistq.protocol import ErrorKind
 from trainer.model import load_checkpoint, predict_probs
 
 CLI_TIMEOUT = pytest.mark.timeout(120)
@@ -214,6 +215,15 @@ BAD = {
     "huge": "image too large: 100000x100000 pixels",
     "blank": "no digit found",
 }
+#: the error kind each bad input is reported under (the results CSV's error_kind column)
+BAD_KIND = {
+    "empty": ErrorKind.UNREADABLE,
+    "truncated": ErrorKind.UNREADABLE,
+    "text": ErrorKind.UNREADABLE,
+    "directory": ErrorKind.REFUSED,
+    "huge": ErrorKind.TOO_LARGE,
+    "blank": ErrorKind.NO_DIGIT,
+}
 
 
 @pytest.mark.parametrize("kind", list(BAD))
@@ -221,11 +231,13 @@ def test_load_image_refuses_bad_input(tmp_path, kind):
     with pytest.raises(ImageError, match=re.escape(BAD[kind])) as info:
         load_image(make_bad(kind, tmp_path))
     assert "\n" not in str(info.value)
+    assert info.value.kind is BAD_KIND[kind]
 
 
 def test_load_image_missing_file(tmp_path):
-    with pytest.raises(ImageError, match="file not found"):
+    with pytest.raises(ImageError, match="file not found") as info:
         load_image(tmp_path / "nope.png")
+    assert info.value.kind is ErrorKind.NOT_FOUND
 
 
 # --- the CLI ------------------------------------------------------------------------------------

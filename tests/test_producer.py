@@ -9,17 +9,20 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
-from conftest import WorkerProc, write_digits
-from helpers_images import SHIPPED_MODEL, digit_image
+import redis
+from conftest import WorkerProc, fresh_db, write_digits
+from helpers_images import digit_image
 from PIL import Image
 
+from mnistq.protocol import ErrorKind, ExitCode, Reply, Result
+from mnistq.settings import Settings
 from producer import Client
 from producer.csvsink import CsvSink
+from producer.watcher import Watcher, WatchOptions
 
 pytestmark = pytest.mark.timeout(180)
 MNISTQ = [sys.executable, "-c", "import sys; from mnistq.cli import main; sys.exit(main())"]
@@ -86,13 +89,14 @@ def watch(start_worker: Callable[..., WorkerProc], tmp_path: Path) -> Iterator[C
 
 def test_every_way_a_file_arrives_gives_one_row(watch: Callable[..., Watch], tmp_path: Path) -> None:
     w = watch()
-    staging = write_digits(tmp_path / "staging", 6)
+    staging = write_digits(tmp_path / "staging", 7)
     files = list(staging)
     w.inbox.mkdir(parents=True)
     shutil.copy(files[0], w.inbox / "at_start.png")
     w.start()
     os.rename(files[1], w.inbox / "moved.png")  # mv: atomic, no close event
     shutil.copy(files[2], w.inbox / "copied.png")
+    os.link(files[6], w.inbox / "linked.png")  # a create with no open or close: it settles
     (w.inbox / "sub").mkdir()
     shutil.copy(files[3], w.inbox / "sub" / "in_subfolder.png")
     data = files[4].read_bytes()
@@ -103,11 +107,12 @@ def test_every_way_a_file_arrives_gives_one_row(watch: Callable[..., Watch], tmp
             time.sleep(0.05)
     for name in (".hidden.png", "download.png.part", "notes.txt", "backup.png~"):
         shutil.copy(files[5], w.inbox / name)
-    rows = wait_rows(w.csv, 5)
+    rows = wait_rows(w.csv, 6)
     got = {Path(r["path"]).name: r for r in rows}
-    assert sorted(got) == ["at_start.png", "copied.png", "in_subfolder.png", "moved.png", "slow.png"]
-    expected = [staging[files[i]] for i in range(5)]
+    assert len(rows) == 6
     names = ["at_start.png", "moved.png", "copied.png", "in_subfolder.png", "slow.png"]
+    assert sorted(got) == sorted([*names, "linked.png"])
+    expected = [staging[files[i]] for i in range(5)]
     assert [int(got[n]["digit"]) for n in names] == expected
     assert all(r["error"] == "" and r["model_version"] for r in rows)
     assert (w.csv.parent / "done" / "sub" / "in_subfolder.png").exists()
@@ -197,49 +202,12 @@ def test_polling_keep_and_dropping_a_name_again(watch: Callable[..., Watch], tmp
     w.stop()
 
 
-def test_csv_sink_neutralises_formulas_and_survives_a_torn_row(tmp_path: Path) -> None:
-    out = tmp_path / "r.csv"
-    sink = CsvSink(out)
-    assert sink.write(
-        {
-            "path": "=HYPERLINK(1)",
-            "digit": 3,
-            "confidence": 0.5,
-            "model_version": "v",
-            "error": "@x",
-            "id": "a",
-        }
-    )
-    assert not sink.write({"path": "again", "id": "a"})  # same file id: no second row
-    sink.close()
-    with open(out, "ab") as f:
-        f.write(b"/half,writ")  # what a crash mid-write would leave
-    sink = CsvSink(out)
-    assert sink.done == {"a"}
-    sink.write(
-        {"path": "/ok.png", "digit": 1, "confidence": 0.9, "model_version": "v", "error": None, "id": "b"}
-    )
-    sink.close()
-    rows = read_rows(out)
-    assert [r["path"] for r in rows] == ["'=HYPERLINK(1)", "/ok.png"]
-    assert rows[0]["error"] == "'@x"
-
-
-def test_csv_sink_keeps_a_file_written_with_plain_newlines(tmp_path: Path) -> None:
-    out = tmp_path / "r.csv"
-    out.write_text("path,digit,confidence,model_version,error,id,finished_at\n/a.png,1,0.9,v,,x1,t\n")
-    sink = CsvSink(out)
-    assert sink.done == {"x1"}
-    sink.close()
-    assert [r["path"] for r in read_rows(out)] == ["/a.png"]
-
-
 def test_client_enqueue_progress_and_classify_cli(
     start_worker: Callable[..., WorkerProc], tmp_path: Path
 ) -> None:
     worker = start_worker()
     files = write_digits(tmp_path / "c", 30)
-    with Client(worker.url, batch_size=8) as client:
+    with Client(worker.url, message_size=8) as client:
         job = client.enqueue(list(files))
         assert job.total == 30 and len(job.tasks) == 4
         seen = [r.path for r in job.as_completed(timeout=60)]
@@ -251,86 +219,82 @@ def test_client_enqueue_progress_and_classify_cli(
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(f"Predicted Digit: {files[one]}")
+    # The reply lists are the channel: Celery stores no result of its own.
+    assert redis.Redis.from_url(worker.url).keys("celery-task-meta-*") == []
 
 
-def _descendants(pid: int) -> set[int]:
-    parents = {}
-    for p in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            stat = Path(f"/proc/{p}/stat").read_text()
-        except OSError:
-            continue
-        parents[int(p)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found, frontier = set(), {pid}
-    while frontier:
-        frontier = {c for c, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
+def test_watch_drain_does_the_inbox_and_exits(watch: Callable[..., Watch]) -> None:
+    w = watch("--drain")
+    files = write_digits(w.inbox, 5)
+    w.csv.parent.mkdir(parents=True)
+    w.csv.write_text("path,digit,confidence,model_version,error,id,finished_at\r\n")  # an older header
+    w.start()
+    assert w.proc is not None and w.proc.wait(60) == 0
+    rows = read_rows(w.csv)
+    assert {Path(r["path"]).name: int(r["digit"]) for r in rows} == {p.name: d for p, d in files.items()}
+    assert list(rows[0]) == ["path", "digit", "confidence", "model_version", "error", "id", "finished_at"]
+    assert list(w.inbox.iterdir()) == []
+    assert "done 5 (0 failed)" in w.log.read_text()
 
 
-def _alive(pids: set[int]) -> set[int]:
-    alive = set()
-    for pid in pids:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z":
-            alive.add(pid)
-    return alive
-
-
-def _marked_processes(marker: str) -> list[int]:
-    pids = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if marker.encode() in Path(f"/proc/{pid}/environ").read_bytes():
-                pids.append(int(pid))
-        except OSError:
-            continue
-    return pids
-
-
-def test_run_drain_with_embedded_redis_leaves_nothing_running(tmp_path: Path) -> None:
-    files = write_digits(tmp_path / "inbox", 12)
-    (tmp_path / "inbox" / "bad.png").write_text("nope")
-    marker = f"MNISTQ_TEST_MARK={uuid.uuid4().hex}"
-    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL" and not k.startswith("MNISTQ_")}
-    env.update(MNISTQ_MODEL=str(SHIPPED_MODEL), **dict([marker.split("=")]))
+def test_watch_refuses_a_csv_that_is_not_a_results_file(tmp_path: Path) -> None:
+    theirs = tmp_path / "theirs.csv"
+    theirs.write_bytes(b"name,score\r\nalice,3\r\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MNISTQ_")}
+    env["REDIS_URL"] = "redis://127.0.0.1:9/0"  # never reached: the CSV is checked first
     out = subprocess.run(
-        [*MNISTQ, "run", "--drain"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=150
+        [*MNISTQ, "watch", "--drain", "--inbox", str(tmp_path / "inbox"), "--csv", str(theirs)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == ExitCode.CONFIG, out.stderr
+    assert f"{theirs} is not a mnist-queue results file" in out.stderr
+    assert theirs.read_bytes() == b"name,score\r\nalice,3\r\n"
+
+
+class MiscountingClient(Client):
+    """A real client on a real Redis whose "worker" (this send) answers one result short."""
+
+    def send(
+        self,
+        paths: Sequence[str],
+        ids: Sequence[str] | None = None,
+        *,
+        task_id: str | None = None,
+        probabilities: bool = False,
+    ) -> str:
+        task_id = task_id or "t-" + os.urandom(8).hex()
+        file_ids = list(ids) if ids else [None] * len(paths)
+        results = [
+            Result(path=p, id=i, digit=0, confidence=1.0, model_version="v")
+            for p, i in zip(paths, file_ids, strict=True)
+        ]
+        self.redis.rpush(self.reply_to, Reply(task_id, results[:-1]).dumps())
+        return task_id
+
+
+def test_a_reply_with_the_wrong_count_gives_error_rows_not_a_crash(
+    redis_server: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = fresh_db(redis_server)
+    files = write_digits(tmp_path / "inbox", 3)
+    opts = WatchOptions(
+        inbox=tmp_path / "inbox", done_dir=tmp_path / "done", failed_dir=tmp_path / "failed", drain=True
+    )
+    with MiscountingClient(url, settings=Settings(redis_url=url)) as client:
+        client.redis.rpush(client.reply_to, b"{not json")  # and an unreadable reply before it
+        sink = CsvSink(tmp_path / "results.csv")
+        progress = Watcher(client, sink, opts).run()
+        sink.close()
+        # The Python API, on the same bad answer: error results, no exception.
+        results = client.classify(list(files), timeout=30)
     rows = read_rows(tmp_path / "results.csv")
-    assert len(rows) == 13
-    assert {Path(r["path"]).name: r["digit"] for r in rows if not r["error"]} == {
-        p.name: str(d) for p, d in files.items()
-    }
-    assert str(tmp_path / "inbox") in out.stderr and "results.csv" in out.stderr
-    assert _marked_processes(marker) == []
-
-
-def test_run_stops_everything_on_sigterm(tmp_path: Path) -> None:
-    marker = f"MNISTQ_TEST_MARK={uuid.uuid4().hex}"
-    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL" and not k.startswith("MNISTQ_")}
-    env.update(MNISTQ_MODEL=str(SHIPPED_MODEL), **dict([marker.split("=")]))
-    proc = subprocess.Popen([*MNISTQ, "run"], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
-    try:
-        inbox = tmp_path / "inbox"
-        deadline = time.monotonic() + 60
-        while not inbox.exists():
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        write_digits(tmp_path / "staging", 1)
-        os.rename(next((tmp_path / "staging").iterdir()), inbox / "one.png")
-        wait_rows(tmp_path / "results.csv", 1, timeout=60)
-        children = _descendants(proc.pid)
-        assert len(children) >= 2  # Redis and a worker
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    time.sleep(0.5)
-    assert _alive(children) == set()
-    assert _marked_processes(marker) == []
+    assert sorted(Path(r["path"]).name for r in rows) == sorted(p.name for p in files)
+    assert {(r["digit"], r["error_kind"]) for r in rows} == {("", "internal")}
+    assert sorted(p.name for p in (tmp_path / "failed").iterdir()) == sorted(p.name for p in files)
+    assert progress.done == progress.failed == 3 and progress.abandoned == 0
+    assert any("2 results for 3 files" in m for m in caplog.messages)
+    assert any("unreadable reply" in m for m in caplog.messages)
+    assert [(r.path, r.error_kind) for r in results] == [(str(p), ErrorKind.INTERNAL) for p in files]

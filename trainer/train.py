@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -163,6 +164,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def recipe(args: argparse.Namespace) -> dict[str, Any]:
+    """The training arguments for the checkpoint (paths as text; the rest are plain values)."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
 def train(args: argparse.Namespace) -> dict[str, float | str]:
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
@@ -234,9 +240,9 @@ def train(args: argparse.Namespace) -> dict[str, float | str]:
         "seed": args.seed,
         "train_images": n,
         "data_sha256": {"train": h_train, "test": h_test},
-        "recipe": f"AdamW lr {args.lr} wd {args.weight_decay} OneCycle, batch {args.batch_size}, "
-        f"label smoothing {args.label_smoothing}, EMA {args.ema}, "
-        f"augment shift {args.shift}px rotate {args.rotate}deg scale {args.scale}",
+        # The training arguments as plain values (nanoGPT keeps its config so): a program can read
+        # them back, and torch.load(weights_only=True) still accepts the file.
+        "recipe": recipe(args),
         "precision": precision,
         "device": device.type,
         "versions": {"torch": str(torch.__version__), "python": platform.python_version()},

@@ -13,11 +13,17 @@ from mnistq.settings import Settings
 
 
 def main(argv: list[str]) -> int:
-    """Everything after `mnistq worker` is passed to `celery worker` unchanged."""
-    Settings.from_env().require_redis()  # says clearly that a broker is needed
+    """Everything after `mnistq worker` is passed to `celery worker` (``-h`` as ``--help``).
+
+    Pool, concurrency and the rest come from the settings (mnistq/celeryconf.py).
+    """
+    settings = Settings.from_env()
+    argv = ["--help" if a == "-h" else a for a in argv]  # Celery's worker knows only --help
+    if "--help" not in argv:  # which needs no broker
+        settings.require_redis()  # says clearly that a broker is needed
     from worker.app import app
 
-    args = ["worker", "--queues", QUEUE, "--loglevel", "INFO", *argv]
+    args = ["worker", "--queues", QUEUE, "--loglevel", settings.log_level.upper(), *argv]
     app.worker_main(args)
     return 0
 

@@ -1,8 +1,9 @@
 """The model in a worker process: loaded once, hot-reloaded between batches, fed in batches.
 
 Many task threads submit decoded images; one inference thread coalesces whatever is waiting
-(up to ``batch_size`` images or ``batch_wait_ms``) into one batch for the model. Decoding keeps
-running in the task threads meanwhile, so the cores are not idle while the model works.
+(up to ``forward_batch`` images, waiting at most ``coalesce_wait_ms`` for more) into one forward
+pass. Decoding keeps running in the task threads meanwhile, so the cores are not idle while the
+model works. The model itself runs through ``trainer.model.predict_probs``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -41,10 +43,12 @@ def cpu_threads(processes: int) -> int:
 
 @dataclass
 class Prediction:
+    """Class probabilities for one request's images, and the forward pass they rode in."""
+
     probs: np.ndarray  # [N, 10]
     version: str
-    infer_ms: float
-    batch: int
+    forward_ms: float  # the whole forward pass, shared by every request in it
+    batch_size: int  # images in that forward pass
 
 
 class Engine:
@@ -99,19 +103,32 @@ class Engine:
         return Prediction(probs.numpy(), self.version, (time.perf_counter() - t0) * 1000, len(x))
 
 
+class Model(Protocol):
+    """What the batcher needs of an engine (tests pass a fake)."""
+
+    version: str
+
+    def maybe_reload(self) -> None: ...
+
+    def infer(self, images: np.ndarray) -> Prediction: ...
+
+
 class Batcher:
-    """Coalesces requests from many threads into forward passes on one inference thread."""
+    """Coalesces requests from many threads into forward passes on one inference thread.
+
+    ``on_batch(images, forward_ms)`` is called on that thread after each forward pass.
+    """
 
     def __init__(
         self,
-        engine: Engine,
-        batch_size: int,
-        wait_ms: float,
+        engine: Model,
+        forward_batch: int,
+        coalesce_wait_ms: float,
         on_batch: Callable[[int, float], None] | None = None,
     ) -> None:
         self.engine = engine
-        self.batch_size = batch_size
-        self.wait = wait_ms / 1000
+        self.forward_batch = forward_batch
+        self.wait = coalesce_wait_ms / 1000
         self.on_batch = on_batch
         self._queue: queue.Queue[tuple[np.ndarray, Future[Prediction]] | None] = queue.Queue()
         self._held: tuple[np.ndarray, Future[Prediction]] | None = None  # starts the next batch
@@ -126,6 +143,11 @@ class Batcher:
     def predict(self, images: np.ndarray) -> Prediction:
         return self.submit(images).result()
 
+    @property
+    def version(self) -> str:
+        """The version of the model serving now."""
+        return self.engine.version
+
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join(timeout=10)
@@ -136,7 +158,7 @@ class Batcher:
             return None
         items, n = [first], len(first[0])
         deadline = time.monotonic() + self.wait
-        while n < self.batch_size:
+        while n < self.forward_batch:
             try:
                 item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
@@ -144,7 +166,7 @@ class Batcher:
             if item is None:
                 self._queue.put(None)  # finish this batch, then stop
                 break
-            if n + len(item[0]) > self.batch_size:
+            if n + len(item[0]) > self.forward_batch:
                 self._held = item  # would overflow the batch: it opens the next one
                 break
             items.append(item)
@@ -164,7 +186,9 @@ class Batcher:
             start = 0
             for images, fut in items:
                 end = start + len(images)
-                fut.set_result(Prediction(pred.probs[start:end], pred.version, pred.infer_ms, pred.batch))
+                fut.set_result(
+                    Prediction(pred.probs[start:end], pred.version, pred.forward_ms, pred.batch_size)
+                )
                 start = end
             if self.on_batch:
-                self.on_batch(pred.batch, pred.infer_ms)
+                self.on_batch(pred.batch_size, pred.forward_ms)

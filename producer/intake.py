@@ -1,0 +1,199 @@
+"""Intake: which inbox files are complete and ready to send, decided from events and the clock.
+
+A state machine with no thread, no clock and no filesystem of its own: the watcher feeds it
+events (``on_event``), rescans (``scan``) and the time (``tick``), and takes ready paths out of
+``tick``. A file is ready only when complete:
+
+- **inotify**, told apart by events, with no timing guess: a file moved in whole (a rename
+  into the inbox, ``MOVED_IN``) is ready at once; a file opened for writing is ready when it is
+  closed after writing (or closed unwritten, when nothing wrote to it since it was opened). A
+  file that was created but whose writer the events do not show (a hard link, or an open still
+  on its way) settles as in polling mode, unless its close comes first.
+- **polling** (no opens or closes are seen): ready once size and mtime have stood still for
+  ``settle_s``.
+- **scan**: a file found by a rescan is ready at once if its mtime is older than ``settle_s``,
+  else it settles as in polling mode.
+
+Memory is bounded: at most ``cap`` candidates, ``cap`` files being written and ``cap`` ready
+files. Past that a hint is dropped and ``rescan_needed`` is set: the inbox keeps the file and
+a later scan finds it.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+import os
+from collections.abc import Callable, Iterable, Sequence, Sized
+from pathlib import Path
+
+log = logging.getLogger("mnistq.producer")
+
+Stat = Callable[[str], os.stat_result]
+
+
+class EventKind(enum.Enum):
+    """What the filesystem said about a path (watchdog's event types, named for what they mean)."""
+
+    MOVED_IN = "moved_in"  # renamed into the inbox: complete
+    CREATED = "created"  # a new name: a writer, a copy or a hard link, complete or not
+    OPENED = "opened"
+    MODIFIED = "modified"
+    CLOSED_WRITE = "closed_write"
+    CLOSED_NO_WRITE = "closed_no_write"
+
+
+def _never(_path: str) -> bool:
+    return False
+
+
+def _lstat(path: str) -> os.stat_result:
+    return os.stat(path, follow_symlinks=False)
+
+
+class Intake:
+    """Candidates -> ready paths. Call every method from one thread (the watcher's loop)."""
+
+    def __init__(
+        self,
+        *,
+        polling: bool = False,
+        settle_s: float = 1.0,
+        rescan_s: float = 30.0,
+        cap: int = 1024,
+        skip: Sequence[Path] = (),
+        busy: Callable[[str], bool] = _never,
+    ) -> None:
+        """``skip``: folders whose files are never work (done/, failed/ inside the inbox);
+        ``busy``: paths in flight, whose events (a worker reading them) mean nothing new."""
+        self.polling, self.settle_s, self.rescan_s, self.cap = polling, settle_s, rescan_s, cap
+        self.skip = tuple(skip)
+        self.busy = busy
+        # path -> (since, (size, mtime_ns)), None before its first stat
+        self._fresh: dict[str, tuple[float, tuple[int, int] | None]] = {}
+        self._writing: dict[str, bool] = {}  # path -> written to since it was opened
+        self._ready: dict[str, None] = {}  # an ordered set: oldest first
+        self.rescan_needed = False
+        self._last_scan: float | None = None
+
+    # -- what the watcher feeds in ------------------------------------------------------
+    def on_event(self, kind: EventKind, path: str, now: float) -> None:
+        if self.busy(path) or any(Path(path).is_relative_to(s) for s in self.skip):
+            return
+        if kind is EventKind.MOVED_IN and not self.polling:
+            self._fresh.pop(path, None)
+            self._writing.pop(path, None)
+            self._make_ready(path)
+        elif kind is EventKind.CREATED or self.polling:
+            self._candidate(path, now, None)
+        elif kind is EventKind.OPENED:
+            # Someone has it open (a writer, or a reader such as a thumbnailer): wait for the close.
+            self._fresh.pop(path, None)
+            self._ready.pop(path, None)
+            if path not in self._writing and not self._room(self._writing):
+                return  # its close-after-write still makes it ready; a rescan covers the rest
+            self._writing.setdefault(path, False)
+        elif kind is EventKind.MODIFIED:
+            self._fresh.pop(path, None)
+            if path in self._writing or self._room(self._writing):
+                self._writing[path] = True
+        elif kind is EventKind.CLOSED_WRITE or (
+            kind is EventKind.CLOSED_NO_WRITE and self._writing.get(path) is False
+        ):
+            self._writing.pop(path, None)
+            self._make_ready(path)
+
+    def scan(
+        self,
+        entries: Iterable[tuple[str, os.stat_result]],
+        now: float,
+        wall_now: float,
+        finished: Callable[[str, os.stat_result], bool],
+    ) -> None:
+        """Take in a folder walk's (path, lstat) entries, lazily; stop early when full.
+
+        ``finished(path, st)``: the CSV has its row already (the caller moves it out).
+        """
+        self.rescan_needed = False
+        self._last_scan = now
+        for path, st in entries:
+            if self.tracks(path) or self.busy(path) or finished(path, st):
+                continue
+            if wall_now - st.st_mtime < self.settle_s:  # may still be written: let it settle
+                if not self._candidate(path, now, (st.st_size, st.st_mtime_ns)):
+                    return
+            elif not self._make_ready(path):
+                return
+
+    def put_back(self, paths: Sequence[str]) -> None:
+        """Paths taken from ``tick`` that were not sent (or must be sent again): first in line."""
+        back = [p for p in paths if p not in self._ready and not self.busy(p)]
+        room = max(0, self.cap - len(self._ready))
+        if len(back) > room:
+            self.rescan_needed = True  # they are still in the inbox
+            back = back[:room]
+        self._ready = {**dict.fromkeys(back), **self._ready}
+
+    def request_rescan(self) -> None:
+        self.rescan_needed = True
+
+    # -- what it gives back -------------------------------------------------------------
+    def tick(self, now: float, *, limit: int | None = None, stat: Stat = _lstat) -> list[str]:
+        """Settle the candidates, then take up to ``limit`` ready paths, oldest first."""
+        for path, (since, key) in list(self._fresh.items()):
+            try:
+                st = stat(path)
+            except OSError:
+                del self._fresh[path]  # gone: nothing to do
+                continue
+            new_key = (st.st_size, st.st_mtime_ns)
+            if new_key != key:
+                self._fresh[path] = (now, new_key)
+            elif now - since >= self.settle_s:
+                del self._fresh[path]
+                self._make_ready(path)
+        n = len(self._ready) if limit is None else max(0, min(limit, len(self._ready)))
+        taken = list(itertools.islice(self._ready, n))
+        for path in taken:
+            del self._ready[path]
+        return taken
+
+    def scan_due(self, now: float) -> bool:
+        """A rescan was asked for and there is room again, or the periodic one is due."""
+        if self._last_scan is None or now - self._last_scan >= self.rescan_s:
+            return True
+        half = self.cap // 2
+        return self.rescan_needed and len(self._ready) < half and len(self._fresh) < half
+
+    def tracks(self, path: str) -> bool:
+        return path in self._fresh or path in self._writing or path in self._ready
+
+    @property
+    def idle(self) -> bool:
+        """Nothing pending: no candidate, no open writer, nothing ready, no rescan owed."""
+        return not (self._fresh or self._writing or self._ready or self.rescan_needed)
+
+    def counts(self) -> dict[str, int]:
+        return {"fresh": len(self._fresh), "writing": len(self._writing), "ready": len(self._ready)}
+
+    # -- inside -------------------------------------------------------------------------
+    def _room(self, d: Sized) -> bool:
+        if len(d) < self.cap:
+            return True
+        self.rescan_needed = True  # a flood: the inbox keeps the files until there is room
+        return False
+
+    def _candidate(self, path: str, now: float, key: tuple[int, int] | None) -> bool:
+        if path not in self._fresh and not self._room(self._fresh):
+            return False
+        self._fresh[path] = (now, key)
+        return True
+
+    def _make_ready(self, path: str) -> bool:
+        if path in self._ready or self.busy(path):
+            return True
+        if not self._room(self._ready):
+            return False
+        self._ready[path] = None
+        return True

@@ -1,0 +1,117 @@
+"""The results CSV: formulas, the ledger, torn rows, older and foreign headers."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import pytest
+
+from mnistq.errors import ConfigError
+from mnistq.protocol import CSV_COLUMNS, ErrorKind, Result
+from producer.csvsink import CsvSink
+
+OLD_HEADER = "path,digit,confidence,model_version,error,id,finished_at"
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def ok(path: str, file_id: str, digit: int = 1) -> Result:
+    return Result(path=path, id=file_id, digit=digit, confidence=0.9, model_version="v")
+
+
+def test_formulas_are_neutralised_and_an_id_gets_one_row(tmp_path: Path) -> None:
+    out = tmp_path / "r.csv"
+    sink = CsvSink(out)
+    assert sink.write(Result(path="=HYPERLINK(1)", id="a", error="@x", error_kind=ErrorKind.UNREADABLE))
+    assert not sink.write(ok("again", "a"))  # same file id: no second row
+    sink.close()
+    rows = read_rows(out)
+    assert list(rows[0]) == list(CSV_COLUMNS)
+    assert [(r["path"], r["error"], r["error_kind"]) for r in rows] == [
+        ("'=HYPERLINK(1)", "'@x", "unreadable")
+    ]
+
+
+def test_a_file_written_with_plain_newlines_is_kept(tmp_path: Path) -> None:
+    out = tmp_path / "r.csv"
+    out.write_text(f"{OLD_HEADER}\n/a.png,1,0.9,v,,x1,t\n")
+    sink = CsvSink(out)
+    assert sink.done == {"x1"}
+    sink.close()
+    assert [r["path"] for r in read_rows(out)] == ["/a.png"]
+
+
+def _row(result: Result) -> bytes:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\r\n").writerow(
+        [result.path, result.digit, "0.9000", "v", "", "", result.id, "t"]
+    )
+    return buf.getvalue().encode()
+
+
+TORN = _row(ok("/in/torn\nrow.png", "t", 7))  # a quoted path with a newline in it
+
+
+@pytest.mark.parametrize("cut", range(1, len(TORN)))
+def test_a_row_torn_anywhere_even_inside_a_quoted_path_is_dropped_alone(tmp_path: Path, cut: int) -> None:
+    out = tmp_path / "r.csv"
+    sink = CsvSink(out)
+    sink.write(ok("/in/with\nnewline.png", "a"))  # whole rows with quoted newlines stay
+    sink.write(ok('/in/quo"te.png', "b"))
+    sink.close()
+    with open(out, "ab") as f:
+        f.write(TORN[:cut])  # what a machine crash mid-write could leave
+    sink = CsvSink(out)
+    assert sink.done == {"a", "b"}
+    sink.write(ok("/in/c.png", "c"))
+    sink.close()
+    assert [(r["path"], r["id"]) for r in read_rows(out)] == [
+        ("/in/with\nnewline.png", "a"),
+        ('/in/quo"te.png', "b"),
+        ("/in/c.png", "c"),
+    ]
+
+
+def test_a_torn_header_is_written_again(tmp_path: Path) -> None:
+    out = tmp_path / "r.csv"
+    out.write_bytes(",".join(CSV_COLUMNS).encode()[:11])
+    sink = CsvSink(out)
+    sink.write(ok("/in/a.png", "a"))
+    sink.close()
+    assert [r["id"] for r in read_rows(out)] == ["a"]
+    assert out.read_bytes().startswith(",".join(CSV_COLUMNS).encode() + b"\r\n")
+
+
+def test_an_older_header_is_kept_and_rows_go_under_it_with_its_columns(tmp_path: Path) -> None:
+    out = tmp_path / "r.csv"
+    out.write_bytes(f"{OLD_HEADER}\r\n/in/old.png,2,0.9000,v,,o,t\r\n".encode())
+    sink = CsvSink(out)
+    assert sink.done == {"o"}
+    sink.write(Result.failed("/in/bad.png", ErrorKind.TOO_LARGE, "too large", "n"))
+    sink.close()
+    text = out.read_text()
+    assert text.splitlines()[0] == OLD_HEADER and "error_kind" not in text
+    rows = read_rows(out)
+    assert [list(r) for r in rows] == [OLD_HEADER.split(",")] * 2
+    assert [(r["path"], r["error"], r["id"]) for r in rows] == [
+        ("/in/old.png", "", "o"),
+        ("/in/bad.png", "too large", "n"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"name,score\r\nalice,3\r\n", b"just some notes, no header", b"path,score\n/x,1\n"],
+    ids=["other_csv", "no_newline", "no_id_column"],
+)
+def test_a_foreign_file_is_refused_and_left_untouched(tmp_path: Path, content: bytes) -> None:
+    out = tmp_path / "theirs.csv"
+    out.write_bytes(content)
+    with pytest.raises(ConfigError, match=r"theirs\.csv"):
+        CsvSink(out)
+    assert out.read_bytes() == content
