@@ -79,6 +79,9 @@ class Settings:
     result_expires: int = field(default=3600, metadata=_env("MNISTQ_RESULT_EXPIRES", _int))
     #: seconds before a lost worker's unacknowledged messages are delivered again
     visibility_timeout: int = field(default=30, metadata=_env("MNISTQ_VISIBILITY_TIMEOUT", _int))
+    #: seconds after which unanswered work is sent again where the broker's queue cannot be
+    #: listed (RabbitMQ); on Redis, lost work is found by looking (see producer/evidence.py)
+    resend_after_s: float = field(default=45.0, metadata=_env("MNISTQ_RESEND_AFTER_S", _float))
     #: seconds between a worker's throughput lines
     stats_interval: float = field(default=10.0, metadata=_env("MNISTQ_STATS_INTERVAL", _float))
     pool: str = field(default="threads", metadata=_env("MNISTQ_POOL", _text))  # threads|prefork
@@ -112,7 +115,7 @@ class Settings:
         for name in ("message_size", "forward_batch", "concurrency", "max_pixels"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{self.variable(name)} must be >= 1")
-        for name in ("threads", "coalesce_wait_ms", "result_expires", "visibility_timeout"):
+        for name in ("threads", "coalesce_wait_ms", "result_expires", "visibility_timeout", "resend_after_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{self.variable(name)} must be >= 0")
         choices = {
