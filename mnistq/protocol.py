@@ -115,6 +115,9 @@ class Result:
     decode_ms_per_image: float | None = None
     forward_ms_per_batch: float | None = None
     forward_batch_size: int | None = None
+    #: where the producer put the file once its row was written (done/ or failed/); set by the
+    #: watcher, never by a worker; None when the file stayed where it was (--keep, a folder)
+    moved_to: str | None = None
 
     @classmethod
     def failed(cls, path: str, kind: ErrorKind, message: str, file_id: str | None = None) -> Result:
@@ -154,5 +157,8 @@ class Reply:
 
 
 #: The results CSV, in order. A CSV written by an older version keeps its own header: rows are
-#: appended under it with the columns it has (see producer/csvsink.py).
-CSV_COLUMNS = ("path", "digit", "confidence", "model_version", "error", "error_kind", "id", "finished_at")
+#: appended under it with the columns it has (see producer/csvsink.py). ``moved_to`` is where
+#: the file is now (done/ or failed/), empty when it stayed in place (--keep, a folder).
+CSV_COLUMNS = (
+    "path", "digit", "confidence", "model_version", "error", "error_kind", "id", "finished_at", "moved_to",
+)  # fmt: skip

@@ -4,6 +4,12 @@ SIGINT (a terminal's Ctrl-C) and SIGTERM mean the same: the first stops intake, 
 finishes the rows in hand, then the workers stop and the embedded Redis last; exit 0, since
 files not yet taken are simply the next start's backlog. A second one stops everything at once
 and exits 130. The children never see the terminal's SIGINT (see mnistq/supervisor.py).
+
+A failure stops the run too: a worker that cannot start (exit 2 or 3, that code), or rows in
+hand that never come. If work in flight is left undone then, it says so and exits 4
+(ExitCode.ABANDONED); those files stay in the inbox for the next start. A broker that is down
+is waited for, not a failure. While it runs, the embedded Redis's URL is recorded beside the
+CSV (see Settings), so `mnistq status` and the Python API started there find it.
 """
 
 from __future__ import annotations
@@ -17,11 +23,11 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Any, NoReturn
+from typing import Any
 
 from mnistq.errors import MnistqError
 from mnistq.protocol import EXTENSIONS, ExitCode
-from mnistq.settings import Settings, cores
+from mnistq.settings import RUN_STATE_NAME, Settings, cores, remove_run_state, write_run_state
 from mnistq.supervisor import Supervisor
 
 log = logging.getLogger("mnistq.run")
@@ -41,12 +47,15 @@ def _at_least_one(raw: str) -> int:
 
 
 def run_parser(settings: Settings) -> argparse.ArgumentParser:
+    # Imported here, under run_main's signal counting: the producer's imports take a while.
     from producer.cli import watch_parser
 
     p = watch_parser("mnistq run", settings)
     p.description = (
         "The main job: an embedded Redis (unless REDIS_URL is set), N workers and the inbox watcher. "
-        "Ctrl-C or SIGTERM finishes the rows in hand and stops; a second one stops at once."
+        "Ctrl-C or SIGTERM finishes the rows in hand and stops; a second one stops at once. While it "
+        "runs, `mnistq status`, `mnistq classify` and producer.Client() started beside its CSV find its "
+        f"Redis without REDIS_URL (it is recorded in {RUN_STATE_NAME} there)."
     )
     # Separate processes overlap decoding (Python, one core each) with inference better than
     # threads in one process do: on 2 cores, 2 processes x 1 thread gave 1.09-1.28x 1 x 2 threads.
@@ -59,13 +68,7 @@ def run_parser(settings: Settings) -> argparse.ArgumentParser:
     p.add_argument(
         "--worker-loglevel", default="WARNING", type=str.upper, choices=LEVELS, help="default: %(default)s"
     )
-
-    def one_line(message: str) -> NoReturn:  # a mistake is one line, not the usage block
-        sys.stderr.write(f"{p.prog}: error: {message} (see {p.prog} --help)\n")
-        sys.exit(ExitCode.CONFIG)
-
-    p.error = one_line  # type: ignore[method-assign]
-    return p
+    return p  # a mistake is one line and exit 2, as for every option of watch_parser's
 
 
 class _StopNow(Exception):
@@ -98,6 +101,7 @@ class _Run:
         self.stop = threading.Event()
         self.supervisor = Supervisor(settings, args.workers, args.worker_loglevel)
         self.thread: threading.Thread | None = None
+        self.state: Path | None = None  # the state file naming our embedded Redis, while it runs
         self.code: int | None = None
         self.error: BaseException | None = None  # the watcher's
 
@@ -139,14 +143,28 @@ class _Run:
         except BaseException:
             self.supervisor.kill()
             raise
+        finally:
+            self._forget_state()
+
+    def _forget_state(self) -> None:
+        if self.state is not None:
+            remove_run_state(self.state)
+            self.state = None
 
     def _main(self) -> int:
         self._poll()
         if self.stop.is_set():  # stopped while starting up: nothing was started
             return ExitCode.OK
+        # A mistake in --inbox or --csv, or another producer on either: one line, and no child
+        # started (the locks taken stay held for the watcher).
+        from producer.cli import check_paths
+
+        check_paths(self.args)
         failure: MnistqError | None = None
         try:
             url = self.supervisor.start()
+            if self.supervisor.redis is not None:  # a URL nobody else knows: say where it is
+                self.state = write_run_state(self.args.csv, url)
             self._poll()
             self.thread = threading.Thread(target=self._watch, args=(url,), name="mnistq-watch", daemon=True)
             self.thread.start()
@@ -158,22 +176,40 @@ class _Run:
         self.stop.set()
         if failure is not None:
             self._wait_watcher(supervise=False, timeout=FAILURE_GRACE_S)
-            if self.thread is not None and self.thread.is_alive():
-                logging.disable(logging.CRITICAL)  # its retries against a stopped Redis are noise now
+        # Still waiting for the rows of files in flight, which will not come now.
+        stuck = self.thread is not None and self.thread.is_alive()
+        if stuck:
+            logging.disable(logging.CRITICAL)  # its retries against a stopped Redis are noise now
+        self._forget_state()
         self.supervisor.stop(abort=lambda: self.signals.count >= 2)
         self._poll()
-        if failure is not None:
-            raise failure
+        if failure is not None and not stuck:
+            raise failure  # nothing was in flight: the failure's own code
         if self.error is not None:
             raise self.error
+        if failure is not None:
+            print(f"mnistq run: error: {failure}", file=sys.stderr)
+            return self._abandoned("stopped by that failure")
+        if self.code == ExitCode.ABANDONED:
+            return self._abandoned("files in flight got no result within the grace")
         return self.code if self.code is not None else ExitCode.UNEXPECTED
+
+    def _abandoned(self, why: str) -> int:
+        """Work in flight left undone because of a failure: not a clean stop, so not exit 0."""
+        print(
+            f"mnistq run: {why}: work in flight was left undone; {files_left(self.args)} file(s) "
+            f"stay in {_inbox(self.args)} and are done on the next start",
+            file=sys.stderr,
+            flush=True,
+        )
+        return ExitCode.ABANDONED
 
     def _stop_now(self) -> int:
         logging.disable(logging.CRITICAL)  # the watcher's complaints about a killed Redis are noise
         self.supervisor.kill()
         left = files_left(self.args)
         print(
-            f"mnistq run: stopped at once; {left} file(s) stay in {self.args.inbox.resolve()} "
+            f"mnistq run: stopped at once; {left} file(s) stay in {_inbox(self.args)} "
             "(the next start does those without a row)",
             file=sys.stderr,
             flush=True,
@@ -181,10 +217,14 @@ class _Run:
         return ExitCode.INTERRUPTED
 
 
+def _inbox(args: argparse.Namespace) -> Path:
+    return Path(args.inbox).expanduser().resolve()
+
+
 def files_left(args: argparse.Namespace) -> int:
     """Image files in the inbox, not counting the done and failed folders if they are inside it."""
-    inbox = args.inbox.resolve()
-    base = args.csv.resolve().parent
+    inbox = _inbox(args)
+    base = Path(args.csv).expanduser().resolve().parent
     skip = {Path(d).resolve() for d in (args.done_dir or base / "done", args.failed_dir or base / "failed")}
     n = 0
     for root, dirs, names in os.walk(inbox):
@@ -196,7 +236,8 @@ def files_left(args: argparse.Namespace) -> int:
 def run_main(argv: list[str]) -> int:
     # Counted from here on: a Ctrl-C while the producer's imports load is a first one, not a traceback.
     with _Signals() as signals:
-        settings = Settings.from_env()
+        # Not another run's Redis from its state file: this run starts its own (or uses REDIS_URL).
+        settings = Settings.from_env(run_state=False)
         args = run_parser(settings).parse_args(argv)
         # The workers may open files under the inbox given here, not only the configured one.
         settings = settings.with_(inbox=args.inbox, csv=args.csv)

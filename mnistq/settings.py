@@ -1,12 +1,16 @@
 """One settings object, read from the environment; each default is written once, on its field.
 
 Every process (worker, producer, CLI) builds it with ``Settings.from_env()``; nothing else in
-the project reads ``os.environ`` for configuration.
+the project reads ``os.environ`` for configuration. The one other source is the state file of a
+running `mnistq run` (see :class:`Settings` and :func:`write_run_state`).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -14,8 +18,12 @@ from typing import Any
 
 from mnistq.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 #: The shipped model lives at the repository root, next to this package.
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "model_state.pt"
+#: Where a running `mnistq run` records its embedded Redis: in the folder of its CSV.
+RUN_STATE_NAME = ".mnistq-run.json"
 
 
 def cores() -> int:
@@ -49,7 +57,16 @@ def _env(name: str, parse: Callable[[str], Any], *aliases: str) -> dict[str, Any
 
 @dataclass(frozen=True)
 class Settings:
-    """Settings for every part of mnist-queue; each field's metadata names its variable."""
+    """Settings for every part of mnist-queue; each field's metadata names its variable.
+
+    ``redis_url`` comes from REDIS_URL. When that is unset, ``from_env`` looks for a running
+    `mnistq run` whose CSV is in the same folder as this CSV (MNISTQ_CSV, default
+    ``results.csv`` in the current folder): it records its embedded Redis's URL in
+    ``.mnistq-run.json`` there while it runs, so `mnistq status`, `mnistq classify`, an extra
+    `mnistq worker` and ``producer.Client()`` started beside it need no REDIS_URL. The file
+    names the run's process (pid and start time); a file whose process is gone (a killed run) is
+    ignored, the next run replaces it, and a clean stop removes it.
+    """
 
     redis_url: str | None = field(default=None, metadata=_env("REDIS_URL", _text))
     #: another broker (amqp://...); default: REDIS_URL, which always carries the reply lists
@@ -88,8 +105,12 @@ class Settings:
     log_level: str = field(default="INFO", metadata=_env("MNISTQ_LOG_LEVEL", _text))
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        """Unset or empty variables keep the field's default; a bad value is a ConfigError."""
+    def from_env(cls, env: Mapping[str, str] | None = None, *, run_state: bool = True) -> Settings:
+        """Unset or empty variables keep the field's default; a bad value is a ConfigError.
+
+        ``run_state=False`` ignores a running `mnistq run`'s state file (see the class): a new
+        `mnistq run` starts its own Redis rather than borrowing another run's.
+        """
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
         for f in fields(cls):
@@ -101,6 +122,8 @@ class Settings:
                 values[f.name] = meta["parse"](env[name])
             except ValueError:
                 raise ConfigError(f"{name}: {env[name]!r} is not a valid value") from None
+        if run_state and "redis_url" not in values:
+            values["redis_url"] = read_run_state(values.get("csv", cls.csv))
         s = cls(**values)
         s.validate()
         return s
@@ -145,7 +168,75 @@ class Settings:
     def require_redis(self) -> str:
         if not self.redis_url:
             raise ConfigError(
-                "REDIS_URL is not set: point it at a Redis (e.g. redis://localhost:6379/0), "
-                "or use `mnistq run`, which starts an embedded Redis of its own"
+                "REDIS_URL is not set: point it at a Redis (e.g. redis://localhost:6379/0), or use "
+                "`mnistq run`, which starts an embedded Redis of its own (while it runs, commands "
+                f"started beside it find it through {run_state_path(self.csv)})"
             )
         return self.redis_url
+
+
+def run_state_path(csv: Path) -> Path:
+    """The state file of a `mnistq run` writing ``csv``: beside it."""
+    return csv.expanduser().absolute().parent / RUN_STATE_NAME
+
+
+def _started(pid: int) -> int | None:
+    """When a process started (clock ticks since boot; Linux), to tell a recycled pid apart."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _alive(pid: int, started: int | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        pass
+    return started is None or _started(pid) in (None, started)
+
+
+def read_run_state(csv: Path) -> str | None:
+    """The URL recorded beside ``csv`` by a `mnistq run` that is still running, else None."""
+    try:
+        state = json.loads(run_state_path(csv).read_text(encoding="utf-8"))
+        url, pid, started = state["url"], state["pid"], state.get("started")
+    except (OSError, ValueError, TypeError, KeyError):  # none, or torn: as good as none
+        return None
+    if not (isinstance(url, str) and url and isinstance(pid, int) and pid > 0 and _alive(pid, started)):
+        return None
+    return url
+
+
+def write_run_state(csv: Path, url: str) -> Path | None:
+    """Record ``url`` for this process beside ``csv`` (atomically); the path, None if it failed."""
+    path = run_state_path(csv)
+    state = {"url": url, "pid": os.getpid(), "started": _started(os.getpid())}
+    try:
+        # A reader sees the old file or the new one, never half of one.
+        fd, tmp = tempfile.mkstemp(prefix=RUN_STATE_NAME, dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(state, f)
+            os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from other users' `mnistq status`
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError as e:  # only the finding of this run is lost: the run itself goes on
+        log.warning(
+            "could not record this run's Redis in %s (%s); set REDIS_URL=%s to reach it", path, e, url
+        )
+        return None
+    return path
+
+
+def remove_run_state(path: Path) -> None:
+    """Remove a state file this process wrote (not one a later run has put in its place)."""
+    try:
+        if json.loads(path.read_text(encoding="utf-8")).get("pid") == os.getpid():
+            path.unlink()
+    except (OSError, ValueError, AttributeError):
+        pass

@@ -7,6 +7,10 @@ Each child also dies with `mnistq run` if that is killed outright (PR_SET_PDEATH
 
 Call everything here from the main thread: the parent-death signal follows the thread that
 started a child, and only the main thread lives as long as the process.
+
+A broker it did not start (REDIS_URL) is left alone: while it is away the workers and the
+watcher wait for it by themselves, the watcher's client saying so once and then once per 30 s
+(producer/broker.py); restarting them would not bring it back.
 """
 
 from __future__ import annotations

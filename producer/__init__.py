@@ -4,6 +4,8 @@
 """
 
 from mnistq.protocol import ErrorKind, Result
+from producer.broker import BrokerUnavailable
 from producer.client import Client, Job, ResultTimeout
+from producer.job import NoWorker
 
-__all__ = ["Client", "ErrorKind", "Job", "Result", "ResultTimeout"]
+__all__ = ["BrokerUnavailable", "Client", "ErrorKind", "Job", "NoWorker", "Result", "ResultTimeout"]

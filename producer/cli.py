@@ -1,28 +1,50 @@
-"""`mnistq watch` and `mnistq classify`; ``watch_parser`` and ``watch`` also serve `mnistq run`.
+"""`mnistq watch` and `mnistq classify`; ``watch_parser``, ``check_paths`` and ``watch`` also serve
+`mnistq run`.
 
 The human output lives here: the paths at start, the progress bar (a terminal only), the final
-line, `classify`'s answers. The modules below it only log.
+line, `classify`'s answers. The modules below it only log. A mistake is one line and exit code
+2 (a ConfigError, printed by mnistq/cli.py), never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
+from typing import NoReturn
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
+from mnistq.errors import ConfigError
 from mnistq.protocol import ExitCode
 from mnistq.settings import Settings
 from producer.client import Client
 from producer.csvsink import CsvSink
 from producer.dispatch import Progress
+from producer.lock import PathLock
 from producer.watcher import Watcher, WatchOptions
+
+#: The inbox's lock file: hidden, so the watcher never takes it for work.
+INBOX_LOCK = ".mnistq.lock"
+
+
+def one_line_errors(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """A command-line mistake is one line and exit 2, not argparse's usage block."""
+
+    def error(message: str) -> NoReturn:
+        sys.stderr.write(f"{p.prog}: error: {message} (see {p.prog} --help)\n")
+        sys.exit(ExitCode.CONFIG)
+
+    p.error = error  # type: ignore[method-assign]
+    return p
 
 
 def watch_parser(prog: str, settings: Settings) -> argparse.ArgumentParser:
@@ -35,7 +57,10 @@ def watch_parser(prog: str, settings: Settings) -> argparse.ArgumentParser:
         help="folder to watch, created if missing (default: %(default)s)",
     )
     p.add_argument(
-        "--csv", type=Path, default=settings.csv, help="results file, appended (default: %(default)s)"
+        "--csv",
+        type=Path,
+        default=settings.csv,
+        help="results file, appended; its folder must exist (default: %(default)s)",
     )
     p.add_argument(
         "--polling",
@@ -55,9 +80,92 @@ def watch_parser(prog: str, settings: Settings) -> argparse.ArgumentParser:
         help="where failed files go (default: failed/ beside the CSV)",
     )
     p.add_argument("--drain", action="store_true", help="process what is in the inbox, then exit")
-    return p
+    return one_line_errors(p)
 
 
+# -- paths and locks ------------------------------------------------------------------------
+#: The locks this process holds, by lock file: `mnistq run` takes them before it starts its
+#: children, and the ``watch`` it then calls finds them held.
+_held: dict[Path, PathLock] = {}
+
+
+def _check_csv(csv: Path) -> Path:
+    """The CSV's absolute path; ConfigError if it is a folder or its folder is missing."""
+    path = csv.expanduser().resolve()
+    if path.is_dir():
+        raise ConfigError(f"the results file {csv} is a folder (--csv or MNISTQ_CSV names a file)")
+    if not path.parent.is_dir():
+        raise ConfigError(
+            f"the folder of the results file {csv} does not exist: create {path.parent} first, "
+            "or choose another --csv"
+        )
+    return path
+
+
+def _check_writable(csv: Path) -> None:
+    try:  # an existing file: can it be appended to? (a new one: the lock file beside it proved it)
+        os.close(os.open(csv, os.O_WRONLY | os.O_APPEND))
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise ConfigError(f"cannot write the results file {csv}: {e.strerror}") from None
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """Check the inbox, the CSV and the done/failed folders of ``args``, and take the locks that
+    make this process the only producer on that inbox and that CSV.
+
+    Each mistake is a ConfigError (one line, exit 2): an inbox that is a file or cannot be
+    created (the inbox is the one thing created here), a CSV whose folder is missing or that
+    cannot be written, another producer on either (its PID named). The locks are held until
+    ``watch`` returns or the process ends; calling this again in the same process is harmless.
+    """
+    inbox = args.inbox.expanduser().resolve()
+    if inbox.exists() and not inbox.is_dir():
+        raise ConfigError(f"the inbox {args.inbox} is a file, not a folder (--inbox or MNISTQ_INBOX)")
+    csv = _check_csv(args.csv)
+    for option, folder in (
+        ("--done-dir", args.done_dir or csv.parent / "done"),
+        ("--failed-dir", args.failed_dir or csv.parent / "failed"),
+    ):
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"{option} {folder} is a file, not a folder")
+    taken: list[PathLock] = []
+    try:
+        # The CSV's first: a second producer is refused before the inbox is created.
+        taken += _lock(csv.parent / f".{csv.name}.lock", f"writing {csv}")
+        _check_writable(csv)
+        try:
+            inbox.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create the inbox {args.inbox}: {e.strerror}") from None
+        taken += _lock(inbox / INBOX_LOCK, f"watching {inbox}")
+    except BaseException:
+        for lock in taken:
+            _held.pop(lock.path, None)
+            lock.release()
+        raise
+
+
+def _lock(path: Path, what: str) -> list[PathLock]:
+    """Take one lock unless this process holds it; returns it if it was taken now."""
+    if path in _held:
+        return []
+    lock = PathLock(path, what)
+    lock.acquire()
+    if not _held:
+        atexit.register(release_paths)  # a clean exit leaves no lock file behind
+    _held[path] = lock
+    return [lock]
+
+
+def release_paths() -> None:
+    """Give up the locks taken by ``check_paths`` (``watch`` does, when it returns)."""
+    while _held:
+        _held.popitem()[1].release()
+
+
+# -- watch ----------------------------------------------------------------------------------
 def _progress_bar() -> tuple[tqdm, Callable[[Progress], None]]:
     # disable=None: drawn on a terminal only. tqdm's own rate counts wall time since the bar was
     # made, idle hours included; ours counts the time there was work.
@@ -79,29 +187,47 @@ def _progress_bar() -> tuple[tqdm, Callable[[Progress], None]]:
     return bar, show
 
 
+@contextlib.contextmanager
+def _logs_above(bar: tqdm) -> Iterator[None]:
+    """With a bar on screen, log lines are printed above it (tqdm.write), never across it."""
+    if bar.disable:
+        yield
+        return
+    with logging_redirect_tqdm():
+        yield
+
+
 def watch(args: argparse.Namespace, redis_url: str, settings: Settings, stop: threading.Event) -> int:
     """Watch ``args.inbox`` until ``stop`` is set (or drained, with ``--drain``).
 
-    Returns ``ExitCode.OK``, or ``ExitCode.ABANDONED`` when it stopped with files in flight whose
-    rows did not come within the grace (they are redone on the next start).
+    Checks the paths and takes the locks first (``check_paths``), and gives the locks up when it
+    returns. Returns ``ExitCode.OK``, or ``ExitCode.ABANDONED`` when it stopped with files in
+    flight whose rows did not come within the grace (they are redone on the next start).
     """
-    inbox = args.inbox.resolve()
-    inbox.mkdir(parents=True, exist_ok=True)
-    base = args.csv.resolve().parent
+    check_paths(args)
+    try:
+        return _watch(args, redis_url, settings, stop)
+    finally:
+        release_paths()
+
+
+def _watch(args: argparse.Namespace, redis_url: str, settings: Settings, stop: threading.Event) -> int:
+    inbox = args.inbox.expanduser().resolve()
+    csv = args.csv.expanduser().resolve()
     opts = WatchOptions(
         inbox=inbox,
-        done_dir=(args.done_dir or base / "done").resolve(),
-        failed_dir=(args.failed_dir or base / "failed").resolve(),
+        done_dir=(args.done_dir or csv.parent / "done").resolve(),
+        failed_dir=(args.failed_dir or csv.parent / "failed").resolve(),
         polling=args.polling,
         keep=args.keep,
         drain=args.drain,
         message_size=settings.message_size,
     )
-    print(f"inbox:   {inbox}\nresults: {args.csv.resolve()}", file=sys.stderr)
-    sink = CsvSink(args.csv)  # a file it refuses stops the command here, before any work
+    print(f"inbox:   {inbox}\nresults: {csv}", file=sys.stderr)
+    sink = _open_sink(csv)  # a file it refuses stops the command here, before any work
     bar, show = _progress_bar()
     try:
-        with Client(redis_url, settings=settings) as client:
+        with _logs_above(bar), Client(redis_url, settings=settings) as client:
             progress = Watcher(client, sink, opts, stop, on_progress=show).run()
     finally:
         bar.close()
@@ -111,6 +237,13 @@ def watch(args: argparse.Namespace, redis_url: str, settings: Settings, stop: th
         file=sys.stderr,
     )
     return ExitCode.ABANDONED if progress.abandoned else ExitCode.OK
+
+
+def _open_sink(csv: Path) -> CsvSink:
+    try:
+        return CsvSink(csv)
+    except OSError as e:
+        raise ConfigError(f"cannot use the results file {csv}: {e.strerror or e}") from None
 
 
 def watch_main(argv: list[str]) -> int:
@@ -128,6 +261,7 @@ def watch_main(argv: list[str]) -> int:
     return watch(args, settings.require_redis(), settings, stop)
 
 
+# -- classify -------------------------------------------------------------------------------
 def classify_main(argv: list[str]) -> int:
     settings = Settings.from_env()
     p = argparse.ArgumentParser(prog="mnistq classify", description="Classify images through the queue.")
@@ -136,22 +270,36 @@ def classify_main(argv: list[str]) -> int:
     p.add_argument(
         "--timeout", type=float, default=120.0, help="seconds to wait for all results (default: %(default)s)"
     )
-    args = p.parse_args(argv)
-    sink = CsvSink(args.csv) if args.csv else None  # a file it refuses fails before any work
+    args = one_line_errors(p).parse_args(argv)
+    csv = _check_csv(args.csv) if args.csv else None
     try:
-        with Client(settings.require_redis(), settings=settings) as client:
-            results = client.classify(args.paths, timeout=args.timeout)
-        for r in results:
-            if sink:
-                sink.write(r)
-            if r.error:
-                print(f"{r.path}: error: {r.error}", file=sys.stderr)
-            elif len(results) == 1:
-                print(f"Predicted Digit: {r.digit}  (confidence {r.confidence:.3f}, model {r.model_version})")
-            else:
-                print(f"{r.path}: Predicted Digit: {r.digit}  (confidence {r.confidence:.3f})")
+        if csv:  # one producer per CSV: not beside a watcher writing the same file
+            _lock(csv.parent / f".{csv.name}.lock", f"writing {csv}")
+        return _classify(args.paths, args.timeout, csv, settings)
     finally:
-        if sink:
-            sink.close()
+        release_paths()
+
+
+def _classify(paths: list[Path], timeout: float, csv: Path | None, settings: Settings) -> int:
+    with Client(settings.require_redis(), settings=settings) as client:
+        client.ping()  # a broker that is down: one line now, not retries
+        sink = _open_sink(csv) if csv else None  # a file it refuses fails before any work
+        try:
+            results = client.classify(paths, timeout=timeout)
+            if sink:
+                try:
+                    sink.append(results)
+                except OSError as e:
+                    raise ConfigError(f"cannot write the results file {csv}: {e.strerror or e}") from None
+        finally:
+            if sink:
+                sink.close()
+    for r in results:
+        if r.error:
+            print(f"{r.path}: error: {r.error}", file=sys.stderr)
+        elif len(results) == 1:
+            print(f"Predicted Digit: {r.digit}  (confidence {r.confidence:.3f}, model {r.model_version})")
+        else:
+            print(f"{r.path}: Predicted Digit: {r.digit}  (confidence {r.confidence:.3f})")
     # 1 when any file failed, as before: the exit-code table has no row for failed inputs.
     return ExitCode.UNEXPECTED if any(r.error for r in results) else ExitCode.OK

@@ -4,6 +4,11 @@ Messages follow :mod:`mnistq.protocol`: keyword arguments only (:class:`Classify
 the answers come back as :class:`Reply` objects on a Redis list of this client's own
 (``reply_to``): the client blocks on it (BLPOP) instead of polling one result key per task, and
 a redelivered task's second answer is simply ignored. Nothing here imports torch.
+
+What can go wrong is said in words: a broker that cannot be reached is
+:class:`~producer.broker.BrokerUnavailable` naming its URL (never a raw redis or kombu error),
+a short outage (a Redis restart) is ridden out, work the broker lost is sent again, and late
+results with no worker consuming the queue say so.
 """
 
 from __future__ import annotations
@@ -13,89 +18,34 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from mnistq.celeryconf import make_app
-from mnistq.errors import MnistqError
-from mnistq.protocol import QUEUE, TASK_NAME, ClassifyRequest, ErrorKind, Reply, Result, reply_key
+from mnistq.protocol import QUEUE, TASK_NAME, ClassifyRequest, Reply, Result, reply_key
 from mnistq.settings import Settings
+from producer.broker import SERVER_ERRORS, BrokerUnavailable, Outage, safe_url, server_name, unreachable
+from producer.job import Job, NoWorker, ResultTimeout, miscounted
+
+if TYPE_CHECKING:
+    from producer.evidence import LostWork
 
 log = logging.getLogger("mnistq.producer")
 
-
-class ResultTimeout(MnistqError):
-    """Results did not all arrive within the timeout."""
-
-
-def miscounted(reply: Reply, paths: Sequence[str], ids: Sequence[str | None]) -> list[Result] | None:
-    """Error results for every path of a reply whose count does not match the request (a worker
-    bug: which result belongs to which path cannot be trusted); None when the count is right."""
-    if len(reply.results) == len(paths):
-        return None
-    message = f"internal error: the worker answered {len(reply.results)} results for {len(paths)} files"
-    log.warning("task %s: %s; every file of it gets an error row", reply.task_id, message)
-    return [Result.failed(p, ErrorKind.INTERNAL, message, i) for p, i in zip(paths, ids, strict=True)]
-
-
-class Job:
-    """The results of one ``enqueue`` call, filled in as tasks finish."""
-
-    def __init__(self, client: Client, paths: list[str], tasks: dict[str, tuple[int, int]]) -> None:
-        self.client = client
-        self.paths = paths
-        self.tasks = tasks  # task id -> (start, end) slice of paths
-        self._results: list[Result | None] = [None] * len(paths)
-        self._new: list[Result] = []  # in arrival order
-
-    @property
-    def total(self) -> int:
-        return len(self.paths)
-
-    @property
-    def done(self) -> int:
-        return len(self._new)
-
-    def _deliver(self, reply: Reply) -> None:
-        start, end = self.tasks[reply.task_id]
-        # Called once per task: the client forgets a task on its first answer, so a redelivered
-        # task's second answer never gets here.
-        paths = self.paths[start:end]
-        results = miscounted(reply, paths, [None] * len(paths)) or reply.results
-        for i, res in zip(range(start, end), results, strict=True):
-            self._results[i] = res
-            self._new.append(res)
-
-    def as_completed(self, timeout: float | None = None) -> Iterator[Result]:
-        """Yield each result as it arrives (any order)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        yielded = 0
-        while True:
-            while yielded < len(self._new):
-                yielded += 1
-                yield self._new[yielded - 1]
-            if self.done >= self.total:
-                return
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                raise ResultTimeout(
-                    f"{self.total - self.done} of {self.total} results missing after {timeout}s"
-                )
-            self.client.pump(1.0 if left is None else min(1.0, left))
-
-    def results(self, timeout: float | None = None) -> list[Result]:
-        """All results, in input order."""
-        for _ in self.as_completed(timeout):
-            pass
-        return [r for r in self._results if r is not None]
+# Job's names stay importable from here, where they were first.
+__all__ = ["BrokerUnavailable", "Client", "Job", "NoWorker", "ResultTimeout", "miscounted"]
 
 
 class Client:
     """Sends image paths to the workers and gathers their results.
 
     ``settings`` default to ``Settings.from_env()``; ``message_size`` (paths per message)
-    defaults to the settings' ``message_size``.
+    defaults to the settings' ``message_size``. ``reconnect_s``: how long ``enqueue`` and a
+    job's wait ride out a broker that cannot be reached before raising BrokerUnavailable.
     """
 
     def __init__(
@@ -104,17 +54,39 @@ class Client:
         *,
         message_size: int | None = None,
         settings: Settings | None = None,
+        reconnect_s: float = 60.0,
     ) -> None:
         settings = settings or Settings.from_env()
-        url = redis_url or settings.require_redis()
-        self.app = make_app(settings.with_(redis_url=url))
-        # A timeout on the socket, so a vanished broker raises instead of hanging a BLPOP forever.
-        self.redis = redis.Redis.from_url(url, socket_timeout=30)
+        self.url = redis_url or settings.require_redis()
+        self.settings = settings.with_(redis_url=self.url)
+        self.broker_url = self.settings.broker_url or self.url
+        self.app = make_app(self.settings)
+        # A socket timeout, so a vanished server raises instead of hanging a BLPOP forever; one
+        # immediate retry, so the first command after a Redis restart reconnects by itself;
+        # no backoff of redis-py's own: the callers here pace their retries and say why.
+        self.redis = redis.Redis.from_url(
+            self.url, socket_timeout=30, socket_connect_timeout=3, retry=Retry(NoBackoff(), 1)
+        )
         self.message_size = message_size or settings.message_size
+        self.reconnect_s = reconnect_s
+        self.outage = Outage(server_name(self.url))
         self.reply_to = reply_key(uuid.uuid4().hex)
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()  # guards _jobs
         self._pump_lock = threading.Lock()  # one thread blocks on the reply list at a time
+
+    def ping(self) -> None:
+        """Raise BrokerUnavailable unless Redis (and a broker of its own, if set) answers now."""
+        try:
+            self.redis.ping()
+        except SERVER_ERRORS as e:
+            raise unreachable(self.url, e) from None
+        if self.broker_url != self.url:
+            try:
+                with self.app.connection_for_write() as conn:
+                    conn.ensure_connection(max_retries=1, timeout=3)
+            except SERVER_ERRORS as e:
+                raise unreachable(self.broker_url, e) from None
 
     def send(
         self,
@@ -127,7 +99,7 @@ class Client:
         """One message for these paths; returns its task id. Results arrive through ``receive``.
 
         Pass ``task_id`` to know it before the message leaves: a reply can come back before
-        this returns.
+        this returns. BrokerUnavailable when the broker did not take it.
         """
         task_id = task_id or str(uuid.uuid4())
         request = ClassifyRequest(
@@ -136,20 +108,31 @@ class Client:
             reply_to=self.reply_to,
             probabilities=probabilities,
         )
-        self.app.send_task(TASK_NAME, kwargs=request.to_kwargs(), queue=QUEUE, task_id=task_id)
+        try:
+            # ignore_result: the answer comes on the reply list; without it Celery subscribes to
+            # a result channel per task, and retries a dead result store for 20 s first.
+            self.app.send_task(
+                TASK_NAME, kwargs=request.to_kwargs(), queue=QUEUE, task_id=task_id, ignore_result=True
+            )
+        except SERVER_ERRORS as e:
+            raise unreachable(self.broker_url, e) from None
         return task_id
 
     def enqueue(self, paths: Sequence[str | os.PathLike[str]], *, probabilities: bool = False) -> Job:
         absolute = [os.path.abspath(p) for p in paths]
-        tasks: dict[str, tuple[int, int]] = {}
-        job = Job(self, absolute, tasks)
+        job = Job(self, absolute, probabilities=probabilities)
         for start in range(0, len(absolute), self.message_size):
-            end = min(start + self.message_size, len(absolute))
             task_id = str(uuid.uuid4())
-            tasks[task_id] = (start, end)
+            job.tasks[task_id] = (start, min(start + self.message_size, len(absolute)))
             with self._lock:
                 self._jobs[task_id] = job
-            self.send(absolute[start:end], task_id=task_id, probabilities=probabilities)
+            try:
+                job._send(task_id)
+            except BaseException:
+                with self._lock:
+                    for tid in job.tasks:
+                        self._jobs.pop(tid, None)
+                raise
         return job
 
     def classify(
@@ -159,16 +142,22 @@ class Client:
         *,
         probabilities: bool = False,
     ) -> list[Result]:
+        """Results in input order; ``timeout`` as in :meth:`Job.as_completed` (None: until done)."""
         return self.enqueue(paths, probabilities=probabilities).results(timeout)
 
     def receive(self, timeout: float) -> list[Reply]:
         """Block up to ``timeout`` for finished tasks; a reply that cannot be read is logged and
-        skipped (its files are never answered: the watcher sends them again, a Job times out)."""
-        first = self.redis.blpop([self.reply_to], timeout=max(timeout, 0.001))
-        if first is None:
-            return []
+        skipped (its files are never answered: the watcher sends them again, a Job times out).
+        BrokerUnavailable when Redis cannot be reached."""
+        try:
+            first = self.redis.blpop([self.reply_to], timeout=max(timeout, 0.001))
+            if first is None:
+                return []
+            raws = [first[1], *(self.redis.lpop(self.reply_to, 256) or [])]
+        except SERVER_ERRORS as e:
+            raise unreachable(self.url, e) from None
         replies = []
-        for raw in [first[1], *(self.redis.lpop(self.reply_to, 256) or [])]:
+        for raw in raws:
             try:
                 replies.append(Reply.loads(raw))
             except (ValueError, KeyError, TypeError, AttributeError) as e:
@@ -184,8 +173,40 @@ class Client:
                 if job is not None:
                     job._deliver(reply)
 
+    def missing_worker(self, timeout: float = 2.0) -> str | None:
+        """What to do when no worker consumes the queue, or None: one does, or nobody can tell."""
+        try:
+            answers = self.app.control.inspect(timeout=timeout).active_queues() or {}
+        except Exception as e:  # a diagnosis only: never let it replace the real error
+            log.debug("could not ask the workers: %s", e)
+            return None
+        if any(q.get("name") == QUEUE for queues in answers.values() for q in queues or ()):
+            return None
+        env = f"REDIS_URL={safe_url(self.url)}"
+        if self.broker_url != self.url:
+            env += f" MNISTQ_BROKER_URL={safe_url(self.broker_url)}"
+        return (
+            f"no worker is consuming queue '{QUEUE}' on {safe_url(self.broker_url)}: "
+            f"start one with `{env} mnistq worker`"
+        )
+
+    def lost_work(self) -> LostWork:
+        """A detector of this client's messages the broker no longer has (producer/evidence.py)."""
+        from producer.evidence import LostWork, RedisProbe
+
+        probe = RedisProbe(self.app, self.redis, QUEUE)
+        return LostWork(probe, fallback_s=self.settings.resend_after_s)
+
+    def _wait_for_broker(self, error: BrokerUnavailable, pause: float = 1.0) -> None:
+        """Count an outage: say so (a few lines, see Outage), pause, or give up past reconnect_s."""
+        self.outage.failed(error)
+        if self.outage.down_for() > self.reconnect_s:
+            raise BrokerUnavailable(f"{error} (gave up after {self.reconnect_s:.0f}s)") from None
+        time.sleep(pause)
+
     def close(self) -> None:
         self.redis.close()
+        self.app.close()
 
     def __enter__(self) -> Client:
         return self

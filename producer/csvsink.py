@@ -1,18 +1,31 @@
-"""The results CSV: one row per file, appended and flushed as results arrive.
+"""The results CSV: one row per file, appended whole or not at all.
 
-Each row is written with a single ``write()`` on an O_APPEND descriptor, so a killed producer
-leaves whole rows or none; only a crash of the machine mid-write can leave a torn last row, and
-opening the sink removes it (the file has no row, so it is redone). The ``id`` column doubles as
-the record of what is done: on start the sink reads it back, which is how a restarted producer
-writes no row twice.
+**Whole rows.** ``append`` writes a message's rows as one buffer on an O_APPEND descriptor and
+checks every ``write``'s count, then ``fsync``s once: per message, never per row. If a write
+falls short and the rest cannot follow, or the fsync fails (a full disk: ENOSPC; a read-only
+one: EROFS), the file is truncated back to the end of its last whole row and the OSError is
+raised: the caller keeps the rows and tries again later (producer/finish.py). A killed producer
+leaves whole rows or none; a crash of the machine mid-write can leave a torn last row, and
+opening the sink removes it (that file has no row, so it is redone). The ``id`` column doubles
+as the record of what is done, the ledger: on start the sink reads it back, which is how a
+restarted producer writes no row twice.
 
-Columns (:data:`mnistq.protocol.CSV_COLUMNS`):
+**Any name gets its row.** Cells are UTF-8. A file name that is not UTF-8 (Python holds its
+bytes as lone surrogates, ``os.fsdecode(b'bad\\xff.png') == 'bad\\udcff.png'``) is written with
+each such byte as the four characters ``\\xNN`` (Python's ``backslashreplace``: ``bad\\xff.png``);
+see :func:`escape`. A cell starting with ``= + - @`` gets a leading ``'`` (spreadsheets would
+run it as a formula). A row that cannot be formatted at all becomes that file's error row; the
+rest of its message is unaffected.
+
+Columns (:data:`mnistq.protocol.CSV_COLUMNS`); ``moved_to`` is where the file is now (in
+done/ or failed/), empty when it stayed in place (``--keep``, a folder, a file that could not
+be moved: the warning says why):
 
 - a new or empty file gets today's header;
 - **a file written by an older version keeps its header**: rows are appended under it with the
-  columns it has. A column it lacks (``error_kind`` in files from before it existed) is not
-  written there; a column it has that this version does not know is left empty. Start a new
-  file (``--csv``) to get every column;
+  columns it has. A column it lacks (``error_kind``, ``moved_to`` in files from before they
+  existed) is not written there; a column it has that this version does not know is left
+  empty. Start a new file (``--csv``) to get every column;
 - a file whose first line has no ``path`` and ``id`` columns is not a results file: the sink
   refuses it (ConfigError naming the file) and leaves it untouched, rather than append rows
   that would not line up with someone else's columns and could not be deduplicated.
@@ -24,24 +37,65 @@ import csv
 import io
 import logging
 import os
+import re
+import threading
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from mnistq.errors import ConfigError
-from mnistq.protocol import CSV_COLUMNS, Result
+from mnistq.protocol import CSV_COLUMNS, ErrorKind, Result
 
 log = logging.getLogger("mnistq.producer")
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-#: the header before error_kind existed; a torn first line is repaired only if it starts one
+#: the headers of older versions (before moved_to; before error_kind): a torn first line is
+#: repaired only if it starts one of these or today's
+_PREVIOUS_COLUMNS = tuple(c for c in CSV_COLUMNS if c != "moved_to")
 _LEGACY_COLUMNS = ("path", "digit", "confidence", "model_version", "error", "id", "finished_at")
-_HEADERS = tuple(",".join(cols).encode() + b"\r\n" for cols in (CSV_COLUMNS, _LEGACY_COLUMNS))
+_HEADERS = tuple(
+    ",".join(cols).encode() + b"\r\n" for cols in (CSV_COLUMNS, _PREVIOUS_COLUMNS, _LEGACY_COLUMNS)
+)
+_ESCAPED_BYTE = re.compile(rb"\\x([0-9a-f]{2})")
+
+
+def escape(text: str) -> str:
+    """``text`` as UTF-8 can hold it: a name's non-UTF-8 bytes become ``\\xNN``.
+
+    Other lone surrogates (no filesystem name makes them; a worker's JSON could) become
+    ``\\udNNN``. A name that already holds a literal ``\\x`` followed by two hex digits reads the
+    same as an escaped byte: :func:`unescaped` gives both readings.
+    """
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def unescaped(cell: str) -> list[str]:
+    """The paths a cell written by :func:`escape` may stand for: itself, and with ``\\xNN``
+    read back as bytes when it holds any."""
+    raw = cell.encode("utf-8", "surrogateescape")
+    back = _ESCAPED_BYTE.sub(lambda m: bytes([int(m[1], 16)]), raw)
+    return [cell] if back == raw else [cell, os.fsdecode(back)]
 
 
 def neutralise(value: Any) -> Any:
     """Spreadsheets run cells starting with = + - @ as formulas; a leading ' makes them text."""
     if isinstance(value, str) and value.startswith(_FORMULA_START):
         return "'" + value
+    return value
+
+
+def _uncell(value: str) -> str:
+    """A cell read back, less the ' that neutralise added: what ``escape`` gave."""
+    if value.startswith("'") and value[1:].startswith(_FORMULA_START):
+        return value[1:]
     return value
 
 
@@ -63,17 +117,33 @@ def whole_records(data: bytes) -> int:
     return 0
 
 
+def _encode(cells: list[Any]) -> bytes:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\r\n").writerow(cells)
+    return buf.getvalue().encode("utf-8")
+
+
 class CsvSink:
+    """The results file, and its ledger: ``done`` maps each file id with a row to its row's
+    ``moved_to``; ``places`` maps each path to the ``moved_to`` of its latest row (both as
+    :func:`escape` gives them)."""
+
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.done: set[str] = set()
+        self.done: dict[str, str] = {}
+        self.places: dict[str, str] = {}
         self.columns: tuple[str, ...] = CSV_COLUMNS
+        # The watcher's two threads may both append (replies, and retries after a full disk).
+        self._lock = threading.Lock()
         self._repair_and_load()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        if os.fstat(self._fd).st_size == 0:
+        self._end = os.fstat(self._fd).st_size  # the end of the last whole row
+        self._torn = False  # a failed write whose rollback failed too: truncate before the next
+        if self._end == 0:
             self.columns = CSV_COLUMNS
-            self._write(list(CSV_COLUMNS))
+            with self._lock:
+                self._append(_encode(list(CSV_COLUMNS)))
 
     def _repair_and_load(self) -> None:
         try:
@@ -95,8 +165,15 @@ class CsvSink:
         if not keep:
             return
         self.columns = header
-        col = header.index("id")
-        self.done.update(row[col] for row in rows if len(row) > col and row[col])
+        at_path, at_id = header.index("path"), header.index("id")
+        at_moved = header.index("moved_to") if "moved_to" in header else None
+        for row in rows:
+            if len(row) <= max(at_path, at_id):
+                continue
+            moved = _uncell(row[at_moved]) if at_moved is not None and len(row) > at_moved else ""
+            if row[at_id]:
+                self.done[row[at_id]] = moved
+            self.places[_uncell(row[at_path])] = moved
         missing = [c for c in CSV_COLUMNS if c not in header]
         if missing:
             log.info("%s has an older header: rows go under it without %s", self.path, ", ".join(missing))
@@ -107,29 +184,91 @@ class CsvSink:
             "choose another file with --csv or MNISTQ_CSV, or move this one away"
         )
 
-    def _write(self, cells: list[Any]) -> None:
-        buf = io.StringIO()
-        csv.writer(buf, lineterminator="\r\n").writerow(cells)
-        os.write(self._fd, buf.getvalue().encode("utf-8"))
+    def _append(self, data: bytes) -> None:
+        """Append ``data`` whole and fsync it, or leave the file as it was and raise OSError."""
+        if self._torn:
+            os.ftruncate(self._fd, self._end)  # still failing: raise, the caller retries later
+            self._torn = False
+        else:
+            # another writer (`mnistq classify --csv`) may have appended whole rows meanwhile
+            self._end = os.fstat(self._fd).st_size
+        view, written = memoryview(data), 0
+        try:
+            while written < len(data):
+                # A short count is not an error by itself: the rest is tried at once, and the
+                # disk's refusal of it (ENOSPC) is the error that rolls the whole buffer back.
+                n = os.write(self._fd, view[written:])
+                if n <= 0:
+                    raise OSError(f"{self.path}: the write took {n} bytes")
+                written += n
+            os.fsync(self._fd)
+        except OSError:
+            if written:
+                self._roll_back()
+            raise
+        self._end += len(data)
+
+    def _roll_back(self) -> None:
+        try:
+            os.ftruncate(self._fd, self._end)
+        except OSError as e:
+            self._torn = True
+            log.warning(
+                "%s: could not remove a partial row yet (%s); it is removed before the next", self.path, e
+            )
+
+    def _row(self, result: Result, first_try: bool = True) -> bytes:
+        try:
+            cells: dict[str, Any] = {
+                "path": result.path,
+                "digit": "" if result.digit is None else int(result.digit),
+                "confidence": "" if result.confidence is None else f"{float(result.confidence):.4f}",
+                "model_version": result.model_version or "",
+                "error": result.error or "",
+                "error_kind": ErrorKind(result.error_kind).value if result.error_kind else "",
+                "id": result.id or "",
+                "finished_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+                "moved_to": result.moved_to or "",
+            }
+            return _encode([neutralise(escape(str(cells.get(c, "")))) for c in self.columns])
+        except Exception as e:  # a worker's odd answer is this file's problem, not its message's
+            if not first_try:
+                raise
+            log.warning("%s: its result could not be written (%s); it gets an error row", result.path, e)
+            failed = Result.failed(
+                result.path, ErrorKind.INTERNAL, f"internal error: unwritable result ({e})", result.id
+            )
+            failed.moved_to = result.moved_to
+            return self._row(failed, first_try=False)
+
+    def append(self, results: Sequence[Result]) -> list[Result]:
+        """Append one row per result whose id has none yet, in one write and one fsync.
+
+        Returns the results that got their row; raises OSError (nothing written) when the file
+        cannot take them now.
+        """
+        with self._lock:
+            rows: list[Result] = []
+            ids: set[str] = set()
+            for r in results:
+                if r.id and (r.id in self.done or r.id in ids):
+                    continue
+                rows.append(r)
+                if r.id:
+                    ids.add(r.id)
+            if not rows:
+                return []
+            self._append(b"".join(self._row(r) for r in rows))
+            for r in rows:
+                moved = escape(r.moved_to or "")
+                if r.id:
+                    self.done[r.id] = moved
+                self.places[escape(r.path)] = moved
+            return rows
 
     def write(self, result: Result) -> bool:
         """Append the row for one file; False (and nothing written) if its id already has one."""
-        if result.id and result.id in self.done:
-            return False
-        cells: dict[str, Any] = {
-            "path": result.path,
-            "digit": "" if result.digit is None else result.digit,
-            "confidence": "" if result.confidence is None else f"{result.confidence:.4f}",
-            "model_version": result.model_version or "",
-            "error": result.error or "",
-            "error_kind": result.error_kind.value if result.error_kind else "",
-            "id": result.id or "",
-            "finished_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
-        }
-        self._write([neutralise(cells.get(c, "")) for c in self.columns])
-        if result.id:
-            self.done.add(result.id)
-        return True
+        return bool(self.append([result]))
 
     def close(self) -> None:
         os.close(self._fd)

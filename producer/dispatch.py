@@ -1,4 +1,4 @@
-"""Dispatch: ready files -> messages -> in flight -> reply -> CSV row -> moved out.
+"""Dispatch: ready files -> messages -> in flight -> reply -> row and move -> out of the inbox.
 
 One file's way through it:
 
@@ -6,12 +6,14 @@ One file's way through it:
    CSV, the ledger, has its row already, marked in flight, and sent, ``message_size`` paths per
    message. It is marked before it is sent because a reply can come back before ``send``
    returns.
-2. ``on_reply(reply)`` (the collector thread): its row is written, the file is moved to done/ or
-   failed/ (unless ``keep``), and only then is it no longer in flight. A file replaced under
-   the same name meanwhile stays, and ``on_replaced`` reports it as new work.
-3. ``resend_stale()``: a file in flight longer than ``resend_s`` (its message lost with a broker
-   that keeps nothing) goes back to be sent again; the first answer writes its row, the ledger
-   drops any later one.
+2. ``on_reply(reply)`` (the collector thread): the message's files get their rows and leave the
+   inbox by the row-and-move rule (producer/finish.py); only then are they no longer in
+   flight. A file replaced under the same name meanwhile stays, and ``on_replaced`` reports it
+   as new work. While the disk refuses the rows, ``room()`` is 0: no new work is taken.
+3. ``tick()`` (the loop, every turn): retries rows the disk refused, and takes back the files
+   of messages that are lost (producer/evidence.py: missing from the broker and the workers in
+   two looks some seconds apart, or unanswered for ``resend_s`` where the broker cannot be
+   listed); the caller sends them again, and the first answer writes the row.
 
 At most ``max_inflight`` files are in flight; ``room()`` says how many more may go.
 """
@@ -24,19 +26,25 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from mnistq.protocol import ErrorKind, Reply, Result
 from producer.client import miscounted
 from producer.csvsink import CsvSink
-from producer.inbox import file_id, move_out
+from producer.evidence import LostWork, NoProbe
+from producer.finish import RETRY_S, Answer, Finisher, Landed
+from producer.inbox import file_id, identity
 
 log = logging.getLogger("mnistq.producer")
 
 #: files in flight at most: bounds the producer's memory and the queue, whatever the inbox holds
 MAX_IN_FLIGHT = 4096
+#: seconds between the loop's looks at what is in flight (LostWork rate-limits its own probes)
+LOOK_EVERY_S = 0.5
+#: at most one line per this many seconds about sends that fail (a broker that is down)
+SEND_WARN_EVERY_S = 30.0
 
 
 class Sender(Protocol):
@@ -67,11 +75,13 @@ class Progress:
 class _Flight:
     path: str
     task_id: str
+    ident: tuple[int, int, int, int]  # inbox.identity when sent
+
+
+@dataclass(frozen=True)
+class _Task:
+    files: list[tuple[str, str]]  # [(path, file id)]
     sent_at: float
-
-
-def _lstat(path: str) -> os.stat_result:
-    return os.stat(path, follow_symlinks=False)
 
 
 class Dispatcher:
@@ -86,29 +96,45 @@ class Dispatcher:
         keep: bool = False,
         message_size: int = 256,
         max_inflight: int = MAX_IN_FLIGHT,
-        resend_s: float = 300.0,
+        lost: LostWork | None = None,
+        resend_s: float = 45.0,
+        retry_s: float = RETRY_S,
         clock: Callable[[], float] = time.monotonic,
         on_progress: Callable[[Progress], None] | None = None,
         on_replaced: Callable[[str], None] | None = None,
     ) -> None:
-        self.sender, self.sink = sender, sink
+        """``lost`` finds lost messages; without it, only the time-based fallback (``resend_s``
+        unanswered) applies."""
+        self.sender = sender
         self.inbox, self.done_dir, self.failed_dir = inbox, done_dir, failed_dir
         self.keep, self.message_size, self.max_inflight = keep, message_size, max_inflight
-        self.resend_s, self.clock = resend_s, clock
+        self.lost = lost or LostWork(NoProbe(), fallback_s=resend_s, clock=clock)
+        self.clock = clock
         self.on_progress, self.on_replaced = on_progress, on_replaced
+        self.finisher = Finisher(
+            sink,
+            inbox=inbox,
+            done_dir=done_dir,
+            failed_dir=failed_dir,
+            keep=keep,
+            retry_s=retry_s,
+            clock=clock,
+        )
         # The loop sends and resends, the collector thread answers: this guards what both touch.
-        # The sink's ledger (``sink.done``) is only added to, by the collector; reading it from
-        # the loop is a set lookup, atomic in CPython.
         self._lock = threading.Lock()
         self._flights: dict[str, _Flight] = {}  # file id -> where it is
         self._paths: set[str] = set()  # the paths of _flights, for the intake's "busy"
-        self._tasks: dict[str, list[tuple[str, str]]] = {}  # task id -> [(path, file id)]
+        self._tasks: dict[str, _Task] = {}  # task id -> its files, until its answer or its loss
         self._sent = self._done = self._failed = self._abandoned = 0
         self._busy_s = 0.0
         self._busy_since: float | None = None
+        self._next_look = 0.0
+        self._send_warned_at: float | None = None
 
     # -- the loop's side ----------------------------------------------------------------
     def room(self) -> int:
+        if self.finisher.paused:
+            return 0  # the disk refuses rows: take no new work until it takes them again
         with self._lock:
             return max(0, self.max_inflight - len(self._flights))
 
@@ -128,62 +154,95 @@ class Dispatcher:
             task_id = str(uuid.uuid4())
             with self._lock:
                 now = self.clock()
-                for path, fid in batch:
-                    self._flights[fid] = _Flight(path, task_id, now)
+                for path, fid, ident in batch:
+                    self._flights[fid] = _Flight(path, task_id, ident)
                     self._paths.add(path)
-                self._tasks[task_id] = batch
+                self._tasks[task_id] = _Task([(p, f) for p, f, _ in batch], now)
                 if self._busy_since is None:
                     self._busy_since = now
             try:
-                self.sender.send([p for p, _ in batch], [f for _, f in batch], task_id=task_id)
-            except Exception:  # the loop's edge: a broker hiccup; the files wait and go again
-                log.exception("sending %d files failed; they are sent again", len(batch))
+                self.sender.send([p for p, _, _ in batch], [f for _, f, _ in batch], task_id=task_id)
+            except Exception as e:  # the loop's edge: a broker hiccup; the files wait and go again
+                self._send_failed(len(batch), e)
                 with self._lock:
                     self._tasks.pop(task_id, None)
-                    for _, fid in batch:
+                    for _, fid, _ in batch:
                         self._land(fid)
-                return [p for p, _ in batch] + list(paths[start + self.message_size :])
+                return [p for p, _, _ in batch] + list(paths[start + self.message_size :])
             with self._lock:
                 self._sent += len(batch)
             log.debug("sent %d files as task %s", len(batch), task_id)
             self._report()
         return []
 
-    def _identify(self, paths: Sequence[str]) -> list[tuple[str, str]]:
+    def _send_failed(self, n: int, e: Exception) -> None:
+        # One line, no traceback, and not one per try: the broker being down is the news.
+        now = self.clock()
+        if self._send_warned_at is None or now - self._send_warned_at >= SEND_WARN_EVERY_S:
+            self._send_warned_at = now
+            log.warning("sending %d files failed (%s: %s); they are sent again", n, type(e).__name__, e)
+        else:
+            log.debug("sending %d files failed again: %s", n, e)
+
+    def _identify(self, paths: Sequence[str]) -> list[tuple[str, str, tuple[int, int, int, int]]]:
         batch = []
         for path in paths:
+            if path in self._paths:
+                continue  # in flight: a late event for it means nothing new
             try:
-                fid = file_id(path, _lstat(path))
+                st = os.stat(path, follow_symlinks=False)
             except OSError:
                 continue  # gone before we got to it
-            if fid in self.sink.done or fid in self._flights:
+            fid = file_id(path, st)
+            # finish_known also catches a file whose row is written but whose inbox entry could
+            # not be removed: linking it changed its ctime, so its id
+            if fid in self._flights or self.finisher.finish_known(path, st):
                 continue
-            batch.append((path, fid))
+            batch.append((path, fid, identity(st)))
         return batch
 
-    def resend_stale(self) -> list[str]:
-        """Take back the files in flight for longer than ``resend_s``: the caller sends them again."""
+    def tick(self) -> list[str]:
+        """Every turn of the loop: retry rows the disk refused; take back the files of lost
+        messages (the caller sends them again)."""
+        self._landed(self.finisher.retry())
+        now = self.clock()
+        if now < self._next_look:
+            return []
+        self._next_look = now + LOOK_EVERY_S
         with self._lock:
-            now = self.clock()
-            stale = [(fid, f) for fid, f in self._flights.items() if now - f.sent_at > self.resend_s]
-            for fid, flight in stale:
-                self._tasks.pop(flight.task_id, None)  # a late answer is still taken, by file id
-                self._land(fid)
-        for _, flight in stale:
-            log.warning("no result for %s after %.0fs; sending it again", flight.path, self.resend_s)
-        return [f.path for _, f in stale]
+            in_flight = {tid: t.sent_at for tid, t in self._tasks.items()}
+        lost = self.lost.lost(in_flight)  # may look at the broker: outside the lock
+        if not lost:
+            return []
+        paths = []
+        with self._lock:
+            for tid in lost:
+                task = self._tasks.pop(tid, None)  # a late answer is still taken, by file id
+                for path, fid in task.files if task else ():
+                    flight = self._flights.get(fid)
+                    if flight is not None and flight.task_id == tid:
+                        self._land(fid)
+                        paths.append(path)
+        if paths:
+            if self.lost.by_fallback:
+                log.warning(
+                    "sending %d files again: no answer after %.0f s (the broker cannot be listed)",
+                    len(paths), self.lost.fallback_s,
+                )  # fmt: skip
+            else:
+                log.warning(
+                    "sending %d files again: their messages were lost (broker restarted?)", len(paths)
+                )
+        return paths
 
     def already_done(self, path: str, st: os.stat_result) -> bool:
-        """The CSV has this file's row (a previous run stopped before moving it): move it now."""
-        fid = file_id(path, st)
-        if fid not in self.sink.done:
-            return False
-        if not self.keep:
-            self._move(path, fid, failed=False)
-        return True
+        """A scan's question: has this file its row already? If so, its inbox entry goes now
+        (a previous run stopped before that step)."""
+        return self.finisher.finish_known(path, st)
 
     def abandon(self) -> int:
         """Give up on what is still in flight (stopping); it is redone on the next start."""
+        self.finisher.drop()
         with self._lock:
             n = len(self._flights)
             for fid in list(self._flights):
@@ -202,24 +261,30 @@ class Dispatcher:
     # -- the collector's side -----------------------------------------------------------
     def on_reply(self, reply: Reply) -> None:
         with self._lock:
-            batch = self._tasks.pop(reply.task_id, None)
-        if batch is None:
+            task = self._tasks.pop(reply.task_id, None)
+        answers: list[Answer] = []
+        if task is None:
             # A task sent again meanwhile, or a redelivered task's second answer: take what is
             # still in flight, by file id; the rest has its row already.
             for r in reply.results:
                 with self._lock:
                     flight = self._flights.get(r.id) if r.id else None
                 if flight is not None and r.id:
-                    self._finish(flight.path, r.id, r)
+                    answers.append(Answer(flight.path, r.id, flight.ident, r))
         else:
-            results = miscounted(reply, [p for p, _ in batch], [f for _, f in batch])
+            paths, fids = [p for p, _ in task.files], [f for _, f in task.files]
+            results = miscounted(reply, paths, fids)
             if results is None:
                 results = [
                     r if r.id == fid else self._misfiled(reply.task_id, path, fid, r)
-                    for r, (path, fid) in zip(reply.results, batch, strict=True)
+                    for r, (path, fid) in zip(reply.results, task.files, strict=True)
                 ]
-            for r, (path, fid) in zip(results, batch, strict=True):
-                self._finish(path, fid, r)
+            for r, (path, fid) in zip(results, task.files, strict=True):
+                with self._lock:
+                    flight = self._flights.get(fid)
+                answers.append(Answer(path, fid, flight.ident if flight else None, r))
+        if answers:
+            self._landed(self.finisher.submit(answers))
         self._report()
 
     @staticmethod
@@ -228,38 +293,20 @@ class Dispatcher:
         log.warning("task %s: %s: %s", task_id, path, message)
         return Result.failed(path, ErrorKind.INTERNAL, message, fid)
 
-    def _finish(self, path: str, fid: str, result: Result) -> None:
-        replaced = False
-        # The row names the file as we sent it, whatever the worker echoed.
-        if self.sink.write(replace(result, path=path, id=fid)):
-            failed = result.error is not None
+    def _landed(self, landed: list[Landed]) -> None:
+        """Files whose rows are written (or were already): no longer in flight."""
+        for x in landed:
+            a = x.answer
+            failed = a.result.error is not None
+            if x.written and failed:
+                log.debug("failed: %s: %s", a.path, a.result.error)
             with self._lock:
-                self._done += 1
-                self._failed += failed
-            if failed:
-                log.info("failed: %s: %s", path, result.error)
-            replaced = self._move_out(path, fid, failed)
-        # Only now, with its row written and the file moved, is it no longer in flight.
-        with self._lock:
-            self._land(fid)
-        if replaced and self.on_replaced is not None:
-            self.on_replaced(path)
-
-    def _move_out(self, path: str, fid: str, failed: bool) -> bool:
-        """Move the file whose row was written; True if another file has taken its name."""
-        try:
-            same = file_id(path, _lstat(path)) == fid
-        except OSError:
-            return False  # gone already
-        if same and not self.keep:
-            self._move(path, fid, failed)
-        return not same
-
-    def _move(self, path: str, fid: str, failed: bool) -> None:
-        try:
-            move_out(path, self.inbox, self.failed_dir if failed else self.done_dir, fid)
-        except OSError as e:
-            log.warning("could not move %s out of the inbox: %s", path, e)
+                if x.written:
+                    self._done += 1
+                    self._failed += failed
+                self._land(a.fid)
+            if x.replaced and self.on_replaced is not None:
+                self.on_replaced(a.path)
 
     def _land(self, fid: str) -> None:
         """No longer in flight (call with the lock held); the busy time stops with the last one."""

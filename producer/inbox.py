@@ -1,8 +1,12 @@
 """The inbox's rules: what counts as work, how a file is identified, how a folder is walked,
-and where a file goes when its row is written."""
+and where a file goes when its row is written (``place`` before the row, ``remove`` after it:
+see producer/finish.py)."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import filecmp
 import hashlib
 import os
 import shutil
@@ -51,32 +55,121 @@ def scan(inbox: Path, skip: tuple[Path, ...]) -> Iterator[tuple[str, os.stat_res
             yield path, st
 
 
-def move_out(path: str, inbox: Path, target_dir: Path, file_id: str) -> str | None:
-    """Move a finished file to target_dir, keeping its subfolder; never overwrite an earlier one."""
-    if os.path.isdir(path):
-        return None  # a folder named x.png keeps its place (and whatever is inside it)
+#: Errors that say the disk, not the file, is the trouble: the work waits until they pass.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
+
+
+def identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What tells a file from another of the same name, ctime left out: linking a file into done/
+    changes its ctime, and that must not make it another file."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def target(path: str, inbox: Path, target_dir: Path) -> Path:
+    """The first-choice final place of an inbox file: its subfolder kept, under target_dir."""
     try:
         rel = Path(path).relative_to(inbox)
     except ValueError:
         rel = Path(os.path.basename(path))
-    dest = target_dir / rel
+    return target_dir / rel
+
+
+def place(path: str, st: os.stat_result, dest: Path, fid: str) -> tuple[str, bool]:
+    """Put the file at its final place (a hard link, or a copy across filesystems), the inbox
+    entry left as it is. Returns the final path, and whether this call created it.
+
+    The name is ``dest``, or ``dest`` with the file id in it when another file has that name:
+    never overwritten. A file that is already there from a run that stopped before writing the
+    row (the same inode, or a copy with the same content) is reused, not linked twice. A
+    symlink is placed as the link, not its target.
+    """
     dest.parent.mkdir(parents=True, exist_ok=True)
-    if dest.exists():
-        dest = dest.with_name(f"{dest.stem}.{file_id[:8]}{dest.suffix}")
-    try:
-        # link + unlink rather than rename: inotify reports a rename out of the watched folder as
-        # IN_MOVED_FROM, which watchdog holds back 0.5 s to pair it, delaying every later event.
-        os.link(path, dest)
-    except FileNotFoundError:
-        return None  # already gone (moved by a previous run, or by the user)
-    except FileExistsError:  # a file of that name appeared meanwhile: never overwrite it
-        dest = dest.with_name(f"{dest.stem}.{os.getpid()}.{file_id[:8]}{dest.suffix}")
-        os.link(path, dest)
-    except OSError:  # another filesystem, or one without hard links
+    for candidate in _names(dest, fid):
         try:
-            shutil.move(path, dest)
+            there = os.lstat(candidate)
         except FileNotFoundError:
-            return None
-        return str(dest)
-    os.unlink(path)
-    return str(dest)
+            try:
+                _put(path, st, candidate)
+            except FileExistsError:
+                continue  # taken meanwhile
+            return str(candidate), True
+        if _same(path, st, candidate, there):
+            return str(candidate), False
+    raise FileExistsError(errno.EEXIST, "no free name for it", str(dest))
+
+
+def unplace(dest: str) -> None:
+    """Undo a ``place`` that created ``dest`` (its row could not be written): the inbox keeps
+    the file, and nothing is in done/ without its row."""
+    with contextlib.suppress(OSError):  # left: a later run reuses it
+        os.unlink(dest)
+
+
+def remove(path: str, st: os.stat_result) -> bool:
+    """Remove the inbox entry whose row is written; False when another file took its name (it
+    stays, as new work). Raises OSError when the entry cannot be removed."""
+    try:
+        now = os.lstat(path)
+    except FileNotFoundError:
+        return True
+    if not os.path.samestat(now, st):
+        return False
+    with contextlib.suppress(FileNotFoundError):  # gone meanwhile: as good as removed
+        os.unlink(path)
+    return True
+
+
+def _names(dest: Path, fid: str) -> Iterator[Path]:
+    # Decided by the file id, so a rerun after a crash finds the name it chose before.
+    stem, suffix = os.path.splitext(dest.name)
+    yield dest
+    yield dest.with_name(f"{stem}.{fid[:8]}{suffix}")
+    for n in range(1, 1000):
+        yield dest.with_name(f"{stem}.{fid[:8]}.{n}{suffix}")
+
+
+def _same(path: str, st: os.stat_result, candidate: Path, there: os.stat_result) -> bool:
+    if os.path.samestat(st, there):
+        return True
+    if stat.S_ISLNK(st.st_mode) and stat.S_ISLNK(there.st_mode):
+        try:
+            return os.readlink(path) == os.readlink(candidate)
+        except OSError:
+            return False
+    # a copy (copy2 keeps mtime): the same content is the same file, whoever copied it
+    return (
+        stat.S_ISREG(st.st_mode)
+        and stat.S_ISREG(there.st_mode)
+        and (st.st_size, st.st_mtime_ns) == (there.st_size, there.st_mtime_ns)
+        and filecmp.cmp(path, candidate, shallow=False)
+    )
+
+
+def _put(path: str, st: os.stat_result, dest: Path) -> None:
+    try:
+        # A hard link: no data written, and the file is whole at its final place at once.
+        os.link(path, dest, follow_symlinks=False)
+        return
+    except OSError as e:
+        if e.errno in (errno.EEXIST, errno.ENOENT) or e.errno in DISK_ERRNOS:
+            raise
+    # Another filesystem (EXDEV), or one without hard links: copy under a temporary name, then
+    # give it its final name only when whole (link, so an existing file is never overwritten).
+    tmp = dest.with_name(f".{dest.name}.part")
+    try:
+        tmp.unlink(missing_ok=True)  # a crashed run's partial copy
+        if stat.S_ISLNK(st.st_mode):
+            os.symlink(os.readlink(path), tmp)
+        else:
+            shutil.copy2(path, tmp, follow_symlinks=False)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        try:
+            os.link(tmp, dest, follow_symlinks=False)
+        except OSError as e:
+            if e.errno == errno.EEXIST or e.errno in DISK_ERRNOS:
+                raise
+            os.rename(tmp, dest)  # no hard links here at all
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()

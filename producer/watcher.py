@@ -25,8 +25,10 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from mnistq.protocol import Reply
+from producer.broker import BrokerUnavailable, Outage
 from producer.csvsink import CsvSink
 from producer.dispatch import MAX_IN_FLIGHT, Dispatcher, Progress
+from producer.evidence import lost_work_for
 from producer.inbox import scan, wanted
 from producer.intake import EventKind, Intake
 
@@ -37,8 +39,10 @@ log = logging.getLogger("mnistq.producer")
 EVENT_WAIT_S = 0.005
 #: How long the collector blocks on the reply list per call: bounds how late it sees a stop.
 COLLECT_WAIT_S = 0.2
-#: Between progress log lines, and between looks for stale files in flight.
+#: Between progress log lines.
 LOG_EVERY_S = 10.0
+#: While the broker is away, how often the loop asks whether it is back.
+PING_EVERY_S = 1.0
 
 _KINDS = {
     "created": EventKind.CREATED,
@@ -51,13 +55,21 @@ _KINDS = {
 
 
 class Connection(Protocol):
-    """What the watcher needs of a Client."""
+    """What the watcher needs of a Client (producer/client.py)."""
+
+    outage: Outage  # says when the broker goes away and comes back, in a few lines
+
+    def ping(self) -> None:
+        """Raise BrokerUnavailable unless the broker answers."""
+        ...
 
     def send(
         self, paths: Sequence[str], ids: Sequence[str] | None = None, *, task_id: str | None = None
     ) -> str: ...
 
-    def receive(self, timeout: float) -> list[Reply]: ...
+    def receive(self, timeout: float) -> list[Reply]:
+        """Raise BrokerUnavailable when the broker cannot be reached."""
+        ...
 
 
 @dataclass
@@ -72,7 +84,9 @@ class WatchOptions:
     max_inflight: int = MAX_IN_FLIGHT
     settle_s: float = 1.0
     rescan_s: float = 30.0
-    resend_s: float = 300.0
+    #: where the broker cannot be listed, unanswered work is sent again after this long
+    #: (settings.resend_after_s); on Redis, lost work is found by looking (producer/evidence.py)
+    resend_s: float = 45.0
     grace_s: float = 60.0  # on stop, how long to wait for the rows of files in flight
 
 
@@ -135,7 +149,7 @@ class Watcher:
             keep=opts.keep,
             message_size=opts.message_size,
             max_inflight=opts.max_inflight,
-            resend_s=opts.resend_s,
+            lost=lost_work_for(client, opts.resend_s),
             on_progress=on_progress,
             # a new file took a finished one's name: it is new work
             on_replaced=lambda path: self.hints.put(EventKind.CREATED, path),
@@ -148,6 +162,7 @@ class Watcher:
             skip=self.skip,
             busy=self.dispatch.is_busy,
         )
+        self._next_ping = 0.0
 
     def run(self) -> Progress:
         """Watch until ``stop`` is set (or, with drain, until the inbox is done); finish the rows
@@ -163,6 +178,7 @@ class Watcher:
             observer = _observer(self.opts.polling)
             observer.schedule(self.hints, str(self.inbox), recursive=True)
             observer.start()
+        self._broker_ok(time.monotonic())  # a broker that is down at start: one warning, now
         mode = "polling" if self.opts.polling else "events"
         log.info("watching %s (%s)%s", self.inbox, mode, ", drain" if self.opts.drain else "")
         try:
@@ -186,6 +202,7 @@ class Watcher:
     def _loop(self) -> None:
         intake, dispatch = self.intake, self.dispatch
         last_log = time.monotonic()
+        last_counts = (0, 0, 0, 0)
         while not self.stop.is_set():
             try:
                 intake.on_event(*self.hints.hints.get(timeout=EVENT_WAIT_S), time.monotonic())
@@ -199,26 +216,57 @@ class Watcher:
             now = time.monotonic()
             if intake.scan_due(now):
                 intake.scan(scan(self.inbox, self.skip), now, time.time(), dispatch.already_done)
-            ready = intake.tick(now, limit=dispatch.room())
+            # While the broker is away the files wait in the inbox, not in a failing send.
+            ready = intake.tick(now, limit=dispatch.room()) if self._broker_ok(now) else []
             if ready and (unsent := dispatch.send(ready)):
                 intake.put_back(unsent)
                 self.stop.wait(1)  # the broker failed: give it a moment
+            intake.put_back(dispatch.tick())  # rows the disk refused; lost messages' files
             if now - last_log >= LOG_EVERY_S:
                 last_log = now
-                intake.put_back(dispatch.resend_stale())
                 p = dispatch.progress()
-                log.info(
-                    "sent %d, done %d, failed %d, in flight %d, %.0f images/s",
-                    p.sent, p.done, p.failed, p.in_flight, p.images_per_s,
-                )  # fmt: skip
+                # idle: no line every 10 s saying that nothing happened
+                if (counts := (p.sent, p.done, p.failed, p.in_flight)) != last_counts:
+                    last_counts = counts
+                    log.info(
+                        "sent %d, done %d, failed %d, in flight %d, %.0f images/s",
+                        p.sent, p.done, p.failed, p.in_flight, p.images_per_s,
+                    )  # fmt: skip
             if self.opts.drain and intake.idle and dispatch.idle:
                 return
 
+    def _broker_ok(self, now: float) -> bool:
+        """False while the broker is known to be away (asked again every PING_EVERY_S)."""
+        outage = self.client.outage
+        if not outage.down and self._next_ping:  # up, and asked at least once (at start)
+            return True
+        if now < self._next_ping:
+            return False
+        self._next_ping = now + PING_EVERY_S
+        try:
+            self.client.ping()
+        except BrokerUnavailable as e:
+            outage.failed(e)
+            return False
+        outage.ok()
+        return True
+
     def _collect(self, finished: threading.Event) -> None:
+        outage = self.client.outage
         while not finished.is_set():
             try:
-                for reply in self.client.receive(COLLECT_WAIT_S):
-                    self.dispatch.on_reply(reply)
-            except Exception:  # the loop's edge: a broker hiccup must not kill the collector
+                replies = self.client.receive(COLLECT_WAIT_S)
+            except BrokerUnavailable as e:  # a few lines per outage (Outage), no traceback
+                outage.failed(e)
+                finished.wait(1)
+                continue
+            except Exception:  # a bug: the collector must live on; lost answers are resent
                 log.exception("receiving results failed; retrying")
                 finished.wait(1)
+                continue
+            outage.ok()
+            for reply in replies:  # one reply's failure never drops the others
+                try:
+                    self.dispatch.on_reply(reply)
+                except Exception:  # the loop's edge: its files are sent again later
+                    log.exception("handling the results of task %s failed", reply.task_id)

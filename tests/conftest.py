@@ -12,6 +12,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import redis
@@ -19,6 +20,9 @@ from helpers_images import DIGITS, SHIPPED_MODEL, digit_image
 from PIL import Image
 
 from mnistq.supervisor import worker_command
+
+if TYPE_CHECKING:
+    from helpers_run import Run
 
 _db = itertools.count()
 
@@ -115,6 +119,26 @@ def start_worker(redis_server: str, tmp_path: Path) -> Iterator[Callable[..., Wo
     yield start
     for w in started:
         w.stop()
+
+
+@pytest.fixture
+def start_run(tmp_path: Path) -> Iterator[Callable[..., Run]]:
+    """Start `mnistq run` in ``tmp_path`` (see helpers_run.py); nothing it started outlives the test."""
+    from helpers_run import Run, marked_processes  # it imports this module
+
+    runs: list[Run] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> Run:
+        runs.append(Run(tmp_path, *args, env=env))
+        return runs[-1]
+
+    yield start
+    for run in runs:  # a failed test must not leave a run or its children behind
+        if run.proc.poll() is None:
+            run.proc.kill()
+            run.proc.wait()
+        for pid in marked_processes(run.marker):
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="session")

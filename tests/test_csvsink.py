@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import csv
+import errno
 import io
+import os
 from pathlib import Path
 
 import pytest
 
 from mnistq.errors import ConfigError
 from mnistq.protocol import CSV_COLUMNS, ErrorKind, Result
-from producer.csvsink import CsvSink
+from producer.csvsink import CsvSink, escape, unescaped
 
 OLD_HEADER = "path,digit,confidence,model_version,error,id,finished_at"
 
@@ -41,7 +43,7 @@ def test_a_file_written_with_plain_newlines_is_kept(tmp_path: Path) -> None:
     out = tmp_path / "r.csv"
     out.write_text(f"{OLD_HEADER}\n/a.png,1,0.9,v,,x1,t\n")
     sink = CsvSink(out)
-    assert sink.done == {"x1"}
+    assert set(sink.done) == {"x1"}
     sink.close()
     assert [r["path"] for r in read_rows(out)] == ["/a.png"]
 
@@ -67,7 +69,7 @@ def test_a_row_torn_anywhere_even_inside_a_quoted_path_is_dropped_alone(tmp_path
     with open(out, "ab") as f:
         f.write(TORN[:cut])  # what a machine crash mid-write could leave
     sink = CsvSink(out)
-    assert sink.done == {"a", "b"}
+    assert set(sink.done) == {"a", "b"}
     sink.write(ok("/in/c.png", "c"))
     sink.close()
     assert [(r["path"], r["id"]) for r in read_rows(out)] == [
@@ -91,7 +93,7 @@ def test_an_older_header_is_kept_and_rows_go_under_it_with_its_columns(tmp_path:
     out = tmp_path / "r.csv"
     out.write_bytes(f"{OLD_HEADER}\r\n/in/old.png,2,0.9000,v,,o,t\r\n".encode())
     sink = CsvSink(out)
-    assert sink.done == {"o"}
+    assert set(sink.done) == {"o"}
     sink.write(Result.failed("/in/bad.png", ErrorKind.TOO_LARGE, "too large", "n"))
     sink.close()
     text = out.read_text()
@@ -115,3 +117,79 @@ def test_a_foreign_file_is_refused_and_left_untouched(tmp_path: Path, content: b
     with pytest.raises(ConfigError, match=r"theirs\.csv"):
         CsvSink(out)
     assert out.read_bytes() == content
+
+
+def test_names_that_are_not_utf8_are_escaped_and_read_back_both_ways() -> None:
+    raw = os.fsdecode(b"/in/bad\xff.png")
+    assert escape(raw) == "/in/bad\\xff.png" and escape("/in/ünï.png") == "/in/ünï.png"
+    assert unescaped(escape(raw)) == ["/in/bad\\xff.png", raw]
+    assert escape("lone \ud800") == "lone \\ud800"  # not from a filesystem: escaped all the same
+    assert unescaped("/in/plain.png") == ["/in/plain.png"]
+
+
+def test_a_message_is_one_write_and_the_ledger_keeps_where_files_went(tmp_path: Path) -> None:
+    out = tmp_path / "r.csv"
+    sink = CsvSink(out)
+    bad = os.fsdecode(b"/in/bad\xff.png")
+    written = sink.append(
+        [
+            Result(path="/in/a.png", id="a", digit=1, confidence=0.9, moved_to="/done/a.png"),
+            Result(path=bad, id="b", digit=2, confidence=0.9, moved_to=os.fsdecode(b"/done/bad\xff.png")),
+            Result(path="/in/a.png", id="a", digit=1),  # the same file twice: one row
+        ]
+    )
+    assert [r.id for r in written] == ["a", "b"]
+    sink.close()
+    sink = CsvSink(out)
+    assert sink.done == {"a": "/done/a.png", "b": "/done/bad\\xff.png"}
+    assert sink.places == {"/in/a.png": "/done/a.png", "/in/bad\\xff.png": "/done/bad\\xff.png"}
+    sink.close()
+    assert [(r["path"], r["moved_to"]) for r in read_rows(out)] == [
+        ("/in/a.png", "/done/a.png"),
+        ("/in/bad\\xff.png", "/done/bad\\xff.png"),
+    ]
+
+
+def test_a_failed_write_is_taken_back_and_a_failed_take_back_is_finished_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "r.csv"
+    sink = CsvSink(out)
+    sink.write(ok("/in/a.png", "a"))
+    whole = out.read_bytes()
+    real_write, real_truncate = os.write, os.ftruncate
+
+    def short_then_full(fd: int, data: bytes) -> int:
+        if len(data) > 40:
+            return real_write(fd, bytes(data)[:40])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def cannot_truncate(fd: int, n: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "write", short_then_full)
+    with pytest.raises(OSError, match="No space"):
+        sink.write(ok("/in/b.png", "b"))
+    assert out.read_bytes() == whole and set(sink.done) == {"a"}  # taken back
+    monkeypatch.setattr(os, "ftruncate", cannot_truncate)
+    with pytest.raises(OSError, match="No space"):
+        sink.write(ok("/in/b.png", "b"))
+    assert len(out.read_bytes()) == len(whole) + 40  # torn, for now
+    monkeypatch.setattr(os, "write", real_write)
+    with pytest.raises(OSError, match="Input/output"):
+        sink.write(ok("/in/b.png", "b"))  # the torn bytes must go first; they cannot yet
+    monkeypatch.setattr(os, "ftruncate", real_truncate)
+    assert sink.write(ok("/in/b.png", "b"))
+    sink.close()
+    assert [r["id"] for r in read_rows(out)] == ["a", "b"]
+
+
+def test_an_older_header_without_moved_to_gets_rows_without_it(tmp_path: Path) -> None:
+    out = tmp_path / "r.csv"
+    header = ",".join(c for c in CSV_COLUMNS if c != "moved_to")
+    out.write_text(header + "\r\n")
+    sink = CsvSink(out)
+    sink.write(Result(path="/in/a.png", id="a", digit=1, moved_to="/done/a.png"))
+    sink.close()
+    assert out.read_text().splitlines()[0] == header
+    assert [(r["id"], "moved_to" in r) for r in read_rows(out)] == [("a", False)]

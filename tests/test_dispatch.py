@@ -13,6 +13,7 @@ import pytest
 from mnistq.protocol import ErrorKind, Reply, Result
 from producer.csvsink import CsvSink
 from producer.dispatch import Dispatcher, Progress
+from producer.evidence import LostWork
 from producer.inbox import file_id
 
 
@@ -84,7 +85,7 @@ class Setup:
     def rows(self) -> list[dict[str, str]]:
         self.sink.close()
         self.sink = CsvSink(self.csv)  # reopened: later writes still work
-        self.dispatch.sink = self.sink
+        self.dispatch.finisher.sink = self.sink
         with open(self.csv, newline="", encoding="utf-8") as f:
             return list(csv.DictReader(f))
 
@@ -128,16 +129,22 @@ def test_a_file_whose_row_exists_is_not_sent_again(tmp_path: Path) -> None:
     assert not s.dispatch.already_done(s.paths[1], os.stat(s.paths[1], follow_symlinks=False))
 
 
-def test_stale_files_are_sent_again_and_still_get_one_row(tmp_path: Path) -> None:
-    s = Setup(tmp_path, 3, resend_s=300.0)
+def test_without_a_look_at_the_broker_unanswered_files_go_again_after_resend_s(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = Setup(tmp_path, 3, resend_s=45.0)  # no probe: the time-based fallback alone
     s.clock.t = 1000.0
     s.dispatch.send(s.paths[:2])
-    s.clock.t = 1200.0
+    s.clock.t = 1030.0
     s.dispatch.send(s.paths[2:])
-    s.clock.t = 1300.0
-    assert s.dispatch.resend_stale() == []  # exactly resend_s: not yet
-    s.clock.t = 1300.5
-    assert s.dispatch.resend_stale() == s.paths[:2]
+    s.clock.t = 1045.0
+    assert s.dispatch.tick() == []  # exactly resend_s: not yet
+    s.clock.t = 1050.5
+    with caplog.at_level(logging.WARNING, logger="mnistq.producer"):
+        assert s.dispatch.tick() == s.paths[:2]
+    assert [m for m in caplog.messages if "again" in m] == [
+        "sending 2 files again: no answer after 45 s (the broker cannot be listed)"
+    ]
     assert not s.dispatch.is_busy(s.paths[0]) and s.dispatch.is_busy(s.paths[2])
     first = s.broker.sent[0]
     s.dispatch.send(s.paths[:2])  # the caller sends them again
@@ -154,6 +161,49 @@ def test_stale_files_are_sent_again_and_still_get_one_row(tmp_path: Path) -> Non
         (s.paths[2], "7"),
     ]
     assert s.dispatch.idle
+
+
+class FakeProbe:
+    """What the broker holds, set by hand; counts the looks."""
+
+    def __init__(self) -> None:
+        self.held: set[str] | None = set()
+        self.looks = 0
+
+    def present(self) -> set[str] | None:
+        self.looks += 1
+        return None if self.held is None else set(self.held)
+
+
+def test_messages_missing_from_two_looks_are_sent_again_with_one_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock, probe = Clock(), FakeProbe()
+    s = Setup(tmp_path, 6, message_size=2, lost=LostWork(probe, confirm_s=5.0, clock=clock))
+    s.clock = s.dispatch.clock = s.dispatch.finisher.clock = clock
+    clock.t = 100.0
+    s.dispatch.send(s.paths)
+    lost_id, held = s.broker.sent[0][0], {t for t, _, _ in s.broker.sent[1:]}
+    probe.held = held  # the first message vanished (a Redis restarted without persistence)
+    clock.t = 101.0
+    assert s.dispatch.tick() == [] and probe.looks == 1  # missing once: maybe mid-delivery
+    clock.t = 103.0
+    assert s.dispatch.tick() == [] and probe.looks == 1  # looks are confirm_s apart at least
+    clock.t = 106.0
+    with caplog.at_level(logging.INFO, logger="mnistq.producer"):
+        assert s.dispatch.tick() == s.paths[:2]
+    assert probe.looks == 2
+    assert [m for m in caplog.messages if "again" in m] == [
+        "sending 2 files again: their messages were lost (broker restarted?)"
+    ]
+    assert lost_id not in s.dispatch._tasks
+    # held ones are never sent again, however long they wait; a look that fails decides nothing
+    probe.held = None
+    clock.t = 120.0
+    assert s.dispatch.tick() == []
+    probe.held = held
+    clock.t = 1000.0
+    assert s.dispatch.tick() == [] and probe.looks == 4
 
 
 @pytest.mark.parametrize("count", [2, 4], ids=["too_few", "too_many"])

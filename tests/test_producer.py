@@ -49,6 +49,7 @@ def wait_rows(path: Path, n: int, timeout: float = 60) -> list[dict[str, str]]:
 class Watch:
     def __init__(self, worker: WorkerProc, root: Path, *extra: str) -> None:
         self.inbox, self.csv, self.log = root / "inbox", root / "out" / "results.csv", root / "watch.log"
+        self.csv.parent.mkdir(parents=True, exist_ok=True)  # a CSV's folder must exist
         self.cmd = [*MNISTQ, "watch", "--inbox", str(self.inbox), "--csv", str(self.csv), *extra]
         self.env = {**worker.env, "MNISTQ_LOG_LEVEL": "INFO"}
         self.proc: subprocess.Popen[bytes] | None = None
@@ -118,6 +119,7 @@ def test_every_way_a_file_arrives_gives_one_row(watch: Callable[..., Watch], tmp
     assert (w.csv.parent / "done" / "sub" / "in_subfolder.png").exists()
     assert sorted(p.name for p in w.inbox.iterdir()) == [
         ".hidden.png",
+        ".mnistq.lock",  # the running watcher's (hidden: never work)
         "backup.png~",
         "download.png.part",
         "notes.txt",
@@ -178,7 +180,7 @@ def test_producer_killed_mid_burst_writes_each_row_once(watch: Callable[..., Wat
     rows = wait_rows(w.csv, len(files), timeout=120)
     assert sorted(Path(r["path"]).name for r in rows) == sorted(p.name for p in files)
     assert all(int(r["digit"]) == files[Path(r["path"])] for r in rows)
-    assert list(w.inbox.iterdir()) == []
+    assert [p.name for p in w.inbox.iterdir()] == [".mnistq.lock"]  # the running watcher's
     w.stop()
 
 
@@ -226,7 +228,6 @@ def test_client_enqueue_progress_and_classify_cli(
 def test_watch_drain_does_the_inbox_and_exits(watch: Callable[..., Watch]) -> None:
     w = watch("--drain")
     files = write_digits(w.inbox, 5)
-    w.csv.parent.mkdir(parents=True)
     w.csv.write_text("path,digit,confidence,model_version,error,id,finished_at\r\n")  # an older header
     w.start()
     assert w.proc is not None and w.proc.wait(60) == 0
@@ -298,3 +299,39 @@ def test_a_reply_with_the_wrong_count_gives_error_rows_not_a_crash(
     assert any("2 results for 3 files" in m for m in caplog.messages)
     assert any("unreadable reply" in m for m in caplog.messages)
     assert [(r.path, r.error_kind) for r in results] == [(str(p), ErrorKind.INTERNAL) for p in files]
+
+
+def test_a_second_producer_on_the_same_inbox_or_csv_is_refused(
+    watch: Callable[..., Watch], tmp_path: Path
+) -> None:
+    first = watch().start()
+    assert first.proc is not None
+    other_csv, other_inbox = tmp_path / "other.csv", tmp_path / "other-inbox"
+    attempts = [
+        (["watch", "--inbox", str(first.inbox), "--csv", str(other_csv)], "watching"),
+        (["watch", "--inbox", str(other_inbox), "--csv", str(first.csv)], "writing"),
+        (["classify", "--csv", str(first.csv), str(tmp_path / "x.png")], "writing"),
+    ]
+    for args, what in attempts:
+        started = time.monotonic()
+        out = subprocess.run(
+            [*MNISTQ, *args],
+            env=first.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == ExitCode.CONFIG, out.stderr
+        assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
+        assert f"another producer (pid {first.proc.pid}) is already {what}" in out.stderr
+        assert time.monotonic() - started < 30
+    assert not other_csv.exists() and not other_inbox.exists(), "the refused one created something"
+    staged = write_digits(tmp_path / "staging", 12)
+    for path in staged:
+        os.rename(path, first.inbox / path.name)
+    rows = wait_rows(first.csv, len(staged))
+    assert sorted(Path(r["path"]).name for r in rows) == sorted(p.name for p in staged)  # each once
+    assert first.stop() == 0
+    # A clean stop gives the locks up and leaves no lock file behind.
+    assert not (first.inbox / ".mnistq.lock").exists()
+    assert not (first.csv.parent / ".results.csv.lock").exists()

@@ -1,0 +1,272 @@
+"""The row-and-move rule: how an answered message's files get their rows and leave the inbox.
+
+For each message (``submit``), in this order:
+
+1. **place**: each file is put at its final place under its final name, the name decided now
+   (collisions included): a hard link into done/ or failed/, or a copy across filesystems
+   (producer/inbox.py ``place``). The inbox entry stays.
+2. **row**: the message's rows, each naming that final place (``moved_to``), are appended in
+   one checked write and one fsync (producer/csvsink.py). If that fails, the new links are
+   removed and the message waits (see below): nothing is moved without its row.
+3. **remove**: the inbox entries go. A removal that fails is one warning and no retry loop:
+   the row is written, and the ledger keeps the file from a second one.
+
+A restart between the steps finds either no row (the file is redone; the link a crashed run
+left in done/ is the same inode, and ``place`` reuses it) or the row (``finish_known``, called
+by every scan, removes the inbox entry). Never a file without its row, never two rows. Linking
+changes a file's ctime, so its file id: an inbox entry whose id has no row but whose path's
+row names this very inode as its final place counts as done (so does a file hard-linked back
+from done/ under its old name: copy it, not link it, to have it read again).
+
+**A disk that refuses** (ENOSPC, EROFS, EDQUOT, EIO, on the CSV or on done/): one WARNING, and
+``paused`` is true (the dispatcher takes no new work); the waiting messages are retried every
+``retry_s`` (``retry``), in order, and one INFO line says when writing works again.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from mnistq.protocol import Result
+from producer.csvsink import CsvSink, escape, unescaped
+from producer.inbox import DISK_ERRNOS, file_id, identity, place, remove, target, unplace
+
+log = logging.getLogger("mnistq.producer")
+
+#: seconds between tries while the disk refuses the rows
+RETRY_S = 2.0
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A file's result, with what the dispatcher knew of the file when it sent it."""
+
+    path: str
+    fid: str
+    ident: tuple[int, int, int, int] | None  # inbox.identity at send time; None: unknown
+    result: Result
+
+
+@dataclass(frozen=True)
+class Landed:
+    answer: Answer
+    written: bool  # False: the ledger had its row already (a second answer)
+    replaced: bool = False  # another file has its name now: new work
+
+
+class _Blocked(Exception):
+    """The disk refused: the message waits."""
+
+
+class Finisher:
+    def __init__(
+        self,
+        sink: CsvSink,
+        *,
+        inbox: Path,
+        done_dir: Path,
+        failed_dir: Path,
+        keep: bool = False,
+        retry_s: float = RETRY_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.sink, self.inbox, self.done_dir, self.failed_dir = sink, inbox, done_dir, failed_dir
+        self.keep, self.retry_s, self.clock = keep, retry_s, clock
+        # Replies (the collector) and retries and scans (the loop) come from two threads.
+        self._lock = threading.RLock()
+        self._waiting: collections.deque[list[Answer]] = collections.deque()
+        self._paused_at: float | None = None
+        self._retry_at = 0.0
+        self._warned: set[tuple[str, int]] = set()  # (path, inode): one warning each, ever
+
+    @property
+    def paused(self) -> bool:
+        return self._paused_at is not None
+
+    def waiting(self) -> int:
+        with self._lock:
+            return sum(len(m) for m in self._waiting)
+
+    def submit(self, answers: list[Answer]) -> list[Landed]:
+        """One message's answers: rows written and files moved now, or queued while paused."""
+        with self._lock:
+            self._waiting.append(answers)
+            return [] if self.paused else self._flush()
+
+    def retry(self) -> list[Landed]:
+        """While paused, every ``retry_s``: try the waiting messages again."""
+        with self._lock:
+            if not self.paused or self.clock() < self._retry_at:
+                return []
+            return self._flush()
+
+    def drop(self) -> int:
+        """Forget the waiting messages (stopping): their files stay in the inbox, redone later."""
+        with self._lock:
+            n = sum(len(m) for m in self._waiting)
+            self._waiting.clear()
+            return n
+
+    def _flush(self) -> list[Landed]:
+        landed: list[Landed] = []
+        while self._waiting:
+            try:
+                landed += self._commit(self._waiting[0])
+            except _Blocked as e:
+                now = self.clock()
+                if self._paused_at is None:
+                    self._paused_at = now
+                    log.warning(
+                        "%s; intake paused, nothing is lost: the rows are tried again every %.0f s",
+                        e, self.retry_s,
+                    )  # fmt: skip
+                self._retry_at = now + self.retry_s
+                return landed
+            except Exception:  # a bug: these files go back to the inbox's backlog, redone
+                failed = self._waiting.popleft()
+                log.exception("the rows of %d files could not be written; they are redone", len(failed))
+                landed += [Landed(a, written=False) for a in failed]
+                continue
+            self._waiting.popleft()
+        if self._paused_at is not None:
+            log.info(
+                "results can be written again after %.0f s; intake resumed", self.clock() - self._paused_at
+            )
+            self._paused_at = None
+        return landed
+
+    def _commit(self, answers: list[Answer]) -> list[Landed]:
+        landed: list[Landed] = []
+        rows: list[Result] = []
+        placed: list[tuple[Answer, os.stat_result, str, bool]] = []  # (answer, st, dest, created)
+        fids: set[str] = set()
+        for a in answers:
+            if a.fid in self.sink.done or a.fid in fids:  # a second answer for it
+                landed.append(Landed(a, written=False))
+                continue
+            fids.add(a.fid)
+            st, replaced, dest = None, False, ""
+            if not self.keep:
+                st, replaced = self._current(a)
+            if st is not None:
+                where = self.failed_dir if a.result.error is not None else self.done_dir
+                try:
+                    dest, created = place(a.path, st, target(a.path, self.inbox, where), a.fid)
+                except OSError as e:
+                    if e.errno in DISK_ERRNOS:
+                        self._undo(placed)
+                        raise _Blocked(f"cannot put files in {where}: {e.strerror or e}") from None
+                    self._warn_once(a.path, st, f"could not move {a.path} to {where}: {e}; it stays")
+                else:
+                    placed.append((a, st, dest, created))
+            rows.append(replace(a.result, path=a.path, id=a.fid, moved_to=dest or None))
+            landed.append(Landed(a, written=True, replaced=replaced))
+        try:
+            self.sink.append(rows)
+        except OSError as e:
+            self._undo(placed)
+            raise _Blocked(f"cannot write {self.sink.path}: {e.strerror or e}") from None
+        # Only now, with their rows written, do the inbox entries go.
+        gone: dict[str, bool] = {}
+        for a, st, dest, _ in placed:
+            gone[a.fid] = self._remove(a.path, st, dest)
+        return [replace(x, replaced=True) if gone.get(x.answer.fid) is False else x for x in landed]
+
+    def _current(self, a: Answer) -> tuple[os.stat_result | None, bool]:
+        """The file to place: (its lstat, False); (None, True) when another file took its name;
+        (None, False) when it is gone or is a folder (a folder named x.png keeps its place)."""
+        try:
+            st = os.lstat(a.path)
+        except OSError:
+            return None, False
+        same = identity(st) == a.ident if a.ident is not None else file_id(a.path, st) == a.fid
+        if not same:
+            return None, True
+        return (None, False) if stat.S_ISDIR(st.st_mode) else (st, False)
+
+    def _undo(self, placed: list[tuple[Answer, os.stat_result, str, bool]]) -> None:
+        for _, _, dest, created in placed:
+            if created:
+                unplace(dest)
+
+    def _remove(self, path: str, st: os.stat_result, dest: str) -> bool:
+        """Remove an inbox entry whose row is written; False when another file took its name."""
+        try:
+            return remove(path, st)
+        except OSError as e:
+            self._warn_once(
+                path,
+                st,
+                f"could not remove {path} from the inbox ({e}); its row is written and it is in {dest}",
+            )
+            return True
+
+    def _warn_once(self, path: str, st: os.stat_result, message: str) -> None:
+        with self._lock:
+            if (path, st.st_ino) not in self._warned:
+                self._warned.add((path, st.st_ino))
+                log.warning("%s", message)
+
+    # -- scans ----------------------------------------------------------------------------
+    def finish_known(self, path: str, st: os.stat_result) -> bool:
+        """A scan found ``path`` (its lstat ``st``): True when it has its row already. Its inbox
+        entry is then removed (the last step of a run that stopped before it), unless --keep."""
+        moved = self.sink.done.get(file_id(path, st))
+        if moved is None:
+            moved = self._linked_row(path, st)
+            if moved is None:
+                return False
+        if self.keep or stat.S_ISDIR(st.st_mode):
+            return True
+        with self._lock:
+            if (path, st.st_ino) in self._warned:
+                return True  # warned once already: it stays, quietly
+            dest = self._ensure_placed(path, st, moved)
+            if dest is not None:
+                self._remove(path, st, dest)
+        return True
+
+    def _linked_row(self, path: str, st: os.stat_result) -> str | None:
+        """The path's latest row, if its final place is this very inode (a link made, then the
+        row, and the run stopped before removing the inbox entry)."""
+        if st.st_nlink < 2 or stat.S_ISDIR(st.st_mode):
+            return None
+        moved = self.sink.places.get(escape(path))
+        if moved is None:
+            return None
+        # A row from before moved_to existed names no place: look where it would have gone.
+        places = (
+            unescaped(moved)
+            if moved
+            else [str(target(path, self.inbox, d)) for d in (self.done_dir, self.failed_dir)]
+        )
+        for p in places:
+            try:
+                if os.path.samestat(os.lstat(p), st):
+                    return moved
+            except OSError:
+                continue
+        return None
+
+    def _ensure_placed(self, path: str, st: os.stat_result, moved: str) -> str | None:
+        """The final place the row names (made again if it went missing); None if it cannot be."""
+        fid = file_id(path, st)
+        try:
+            if not moved:  # a row from an older version, written before its file was moved
+                return place(path, st, target(path, self.inbox, self.done_dir), fid)[0]
+            names = unescaped(moved)
+            dest = next((p for p in names if os.path.lexists(p)), names[-1])
+            # place() reuses it when it is this file; if someone put another file there, this
+            # one gets a name of its own rather than being removed with no copy left
+            return place(path, st, Path(dest), fid)[0]
+        except OSError as e:
+            self._warn_once(path, st, f"could not move {path} out of the inbox: {e}; it stays")
+            return None

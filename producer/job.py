@@ -1,0 +1,180 @@
+"""A Job: the results of one ``Client.enqueue`` call, and how waiting for them goes wrong.
+
+Waiting is honest about what is missing: work the broker lost (a Redis restarted without
+persistence) is sent again on evidence (producer/evidence.py), a broker outage is waited out
+for the client's ``reconnect_s``, and results late with no worker consuming the queue say so.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+from mnistq.errors import MnistqError
+from mnistq.protocol import ErrorKind, ExitCode, Reply, Result
+from producer.broker import BrokerUnavailable
+
+if TYPE_CHECKING:
+    from producer.client import Client
+    from producer.evidence import LostWork
+
+log = logging.getLogger("mnistq.producer")
+
+#: Results are late when nothing was sent or answered for this long: then look for a worker.
+LATE_S = 10.0
+#: Between looks for a worker while results stay late.
+WORKER_CHECK_S = 60.0
+
+
+class ResultTimeout(MnistqError):
+    """Results did not all arrive within the timeout; the message says what is missing."""
+
+
+class NoWorker(ResultTimeout):
+    """Timed out with no worker consuming the queue: a person must start one."""
+
+    exit_code = ExitCode.CONFIG
+
+
+def miscounted(reply: Reply, paths: Sequence[str], ids: Sequence[str | None]) -> list[Result] | None:
+    """Error results for every path of a reply whose count does not match the request (a worker
+    bug: which result belongs to which path cannot be trusted); None when the count is right."""
+    if len(reply.results) == len(paths):
+        return None
+    message = f"internal error: the worker answered {len(reply.results)} results for {len(paths)} files"
+    log.warning("task %s: %s; every file of it gets an error row", reply.task_id, message)
+    return [Result.failed(p, ErrorKind.INTERNAL, message, i) for p, i in zip(paths, ids, strict=True)]
+
+
+class Job:
+    """The results of one ``enqueue`` call, filled in as tasks finish."""
+
+    def __init__(
+        self,
+        client: Client,
+        paths: list[str],
+        tasks: dict[str, tuple[int, int]] | None = None,
+        *,
+        probabilities: bool = False,
+    ) -> None:
+        self.client = client
+        self.paths = paths
+        self.tasks = tasks if tasks is not None else {}  # task id -> (start, end) slice of paths
+        self.probabilities = probabilities
+        self._results: list[Result | None] = [None] * len(paths)
+        self._new: list[Result] = []  # in arrival order
+        self._lock = threading.Lock()  # guards _sent_at: any thread that pumps may deliver
+        self._sent_at: dict[str, float] = {}  # unanswered task id -> when it was last sent
+        self._lost: LostWork | None = None  # made on first use: it may look at the broker
+        self._news = time.monotonic()  # the last send or answer
+        self._next_worker_check = 0.0
+
+    @property
+    def total(self) -> int:
+        return len(self.paths)
+
+    @property
+    def done(self) -> int:
+        return len(self._new)
+
+    def _send(self, task_id: str) -> None:
+        """Send (or send again) one task, riding out a broker outage of up to ``reconnect_s``."""
+        start, end = self.tasks[task_id]
+        client = self.client
+        while True:
+            try:
+                client.send(self.paths[start:end], task_id=task_id, probabilities=self.probabilities)
+                break
+            except BrokerUnavailable as e:
+                client._wait_for_broker(e)
+        client.outage.ok()
+        with self._lock:
+            self._sent_at[task_id] = self._news = time.monotonic()
+
+    def _deliver(self, reply: Reply) -> None:
+        start, end = self.tasks[reply.task_id]
+        # Called once per task: the client forgets a task on its first answer, so a redelivered
+        # or resent task's second answer never gets here.
+        paths = self.paths[start:end]
+        results = miscounted(reply, paths, [None] * len(paths)) or reply.results
+        for i, res in zip(range(start, end), results, strict=True):
+            self._results[i] = res
+            self._new.append(res)
+        with self._lock:
+            self._sent_at.pop(reply.task_id, None)
+            self._news = time.monotonic()
+
+    def as_completed(self, timeout: float | None = None) -> Iterator[Result]:
+        """Yield each result as it arrives (any order).
+
+        ``timeout=None`` waits until every result is in: work the broker lost (a Redis restarted
+        without persistence) is sent again, a broker outage of up to the client's
+        ``reconnect_s`` is waited out (longer: BrokerUnavailable), and results late with no
+        worker consuming the queue are logged as such. With a number: ResultTimeout after that
+        many seconds, saying what is missing (NoWorker when no worker consumes the queue).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        yielded = 0
+        while True:
+            while yielded < len(self._new):
+                yielded += 1
+                yield self._new[yielded - 1]
+            if self.done >= self.total:
+                return
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise self._timed_out(timeout)
+            self._wait(1.0 if left is None else min(1.0, left))
+
+    def results(self, timeout: float | None = None) -> list[Result]:
+        """All results, in input order; ``timeout`` as in :meth:`as_completed` (None: until done,
+        resending lost work)."""
+        for _ in self.as_completed(timeout):
+            pass
+        return [r for r in self._results if r is not None]
+
+    def _wait(self, timeout: float) -> None:
+        client = self.client
+        try:
+            client.pump(timeout)
+        except BrokerUnavailable as e:
+            client._wait_for_broker(e, pause=min(timeout, 0.5))
+            return
+        client.outage.ok()
+        self._resend_lost()  # LostWork looks at most once per its confirm_s
+        now = time.monotonic()
+        if now - self._news > LATE_S and now >= self._next_worker_check:
+            self._next_worker_check = now + WORKER_CHECK_S
+            if hint := client.missing_worker():
+                log.warning("%d of %d results are late: %s", self.total - self.done, self.total, hint)
+
+    def _resend_lost(self) -> None:
+        with self._lock:
+            flying = dict(self._sent_at)
+        if not flying:
+            return
+        if self._lost is None:
+            self._lost = self.client.lost_work()
+        lost = self._lost.lost(flying)
+        with self._lock:
+            lost &= self._sent_at.keys()  # answered meanwhile: not lost
+        if not lost:
+            return
+        if self._lost.by_fallback:  # a broker that cannot be listed: time is the only evidence
+            why = f"unanswered after {self._lost.fallback_s:.0f}s"
+        else:
+            why = "gone from the broker (restarted?)"
+        log.warning("%d of %d messages in flight are %s; sending them again", len(lost), len(flying), why)
+        for task_id in lost:
+            self._send(task_id)
+
+    def _timed_out(self, timeout: float | None) -> ResultTimeout:
+        missing = f"{self.total - self.done} of {self.total} results missing after {timeout}s"
+        if self.client.outage.down:
+            return ResultTimeout(f"{missing}: {self.client.outage.error}")
+        if hint := self.client.missing_worker():
+            return NoWorker(f"{missing}: {hint}")
+        return ResultTimeout(missing)

@@ -1,0 +1,174 @@
+"""A person's mistakes and a dead broker at the producer's commands: one clear line, the exit code
+from the table, no traceback, nothing created that was not asked for."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import WorkerProc, write_digits
+
+from mnistq.embedded import EmbeddedRedis
+from mnistq.protocol import ExitCode
+
+pytestmark = pytest.mark.timeout(180)
+MNISTQ = [sys.executable, "-c", "import sys; from mnistq.cli import main; sys.exit(main())"]
+
+
+def dead_url(password: str = "hunter2") -> str:
+    """A Redis URL where nothing listens (with a password, which must never be shown)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"redis://{':' + password + '@' if password else ''}127.0.0.1:{port}/0"
+
+
+def environ(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MNISTQ_") and k != "REDIS_URL"}
+    return {**env, **extra}
+
+
+def mnistq(
+    *args: str, cwd: Path, env: dict[str, str], timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*MNISTQ, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def tree(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def one_line(out: subprocess.CompletedProcess[str]) -> str:
+    assert "Traceback" not in out.stderr + out.stdout, out.stderr
+    assert out.stderr.count("\n") == 1, f"not one line:\n{out.stderr}"
+    assert "usage:" not in out.stderr
+    return out.stderr
+
+
+MISTAKES = {
+    "an inbox that is a file": (["watch", "--inbox", "README.md"], "is a file, not a folder"),
+    "an inbox that cannot be created": (["watch", "--inbox", "/proc/nope"], "cannot create the inbox"),
+    "a CSV whose folder is missing": (
+        ["watch", "--csv", "nonexistent/dir/results.csv"],
+        "does not exist: create",
+    ),
+    "a CSV that is a folder": (["watch", "--csv", "."], "is a folder"),
+    "a CSV where nothing can be written": (["watch", "--csv", "/proc/results.csv"], "cannot write in /proc"),
+    "a done folder that is a file": (["watch", "--done-dir", "README.md"], "is a file, not a folder"),
+    "an unknown option": (["watch", "--bogus"], "unrecognized arguments: --bogus"),
+    "an option without its value": (["watch", "--inbox"], "expected one argument"),
+    "classify without paths": (["classify"], "required: paths"),
+    "classify with a bad timeout": (["classify", "--timeout", "soon", "x.png"], "invalid float value"),
+    "classify into a CSV whose folder is missing": (
+        ["classify", "--csv", "nonexistent/r.csv", "x.png"],
+        "does not exist: create",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(MISTAKES))
+def test_each_mistake_is_one_line_and_creates_nothing(name: str, tmp_path: Path) -> None:
+    args, expected = MISTAKES[name]
+    (tmp_path / "README.md").write_text("not a folder\n")
+    before = tree(tmp_path)
+    # a dead broker: every mistake is found before the broker is needed
+    out = mnistq(*args, cwd=tmp_path, env=environ(REDIS_URL=dead_url()))
+    assert out.returncode == ExitCode.CONFIG, out.stderr
+    assert expected in one_line(out)
+    assert out.stdout == ""
+    assert tree(tmp_path) == before, "a mistake created files"
+    assert not Path("/proc/nope").exists()
+
+
+@pytest.mark.parametrize("command", ["watch", "classify"])
+def test_help_needs_no_broker(command: str, tmp_path: Path) -> None:
+    out = mnistq(command, "--help", cwd=tmp_path, env=environ())
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"usage: mnistq {command}") and out.stderr == ""
+    assert tree(tmp_path) == set()
+
+
+def test_classify_with_a_dead_broker_fails_at_once(tmp_path: Path) -> None:
+    url = dead_url()
+    started = time.monotonic()
+    out = mnistq("classify", str(tmp_path / "x.png"), cwd=tmp_path, env=environ(REDIS_URL=url))
+    took = time.monotonic() - started
+    assert out.returncode == ExitCode.CONFIG, out.stderr
+    line = one_line(out)
+    assert took < 5, f"took {took:.1f}s"
+    assert url.replace("hunter2", "**") in line and "hunter2" not in line, line
+    assert out.stdout == ""
+
+
+def test_watch_waits_for_a_dead_broker_in_a_few_lines_and_then_works(tmp_path: Path) -> None:
+    url = dead_url(password="")  # the embedded Redis that comes back has none
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    inbox, csv_path, log = tmp_path / "inbox", tmp_path / "results.csv", tmp_path / "watch.log"
+    files = write_digits(inbox, 3)
+    env = environ(REDIS_URL=url, MNISTQ_LOG_LEVEL="INFO")
+    cmd = [*MNISTQ, "watch", "--inbox", str(inbox), "--csv", str(csv_path)]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+    server: EmbeddedRedis | None = None
+    worker: WorkerProc | None = None
+    try:
+        time.sleep(20)
+        assert proc.poll() is None, log.read_text()
+        text = log.read_text()
+        assert "Traceback" not in text, text
+        assert len(text.splitlines()) <= 5, text
+        assert text.count("WARNING") == 1 and "cannot reach Redis at" in text, text
+        waiting = sorted(p.name for p in inbox.iterdir() if p.name != ".mnistq.lock")
+        assert waiting == sorted(p.name for p in files)
+
+        # The broker comes back: the watcher says so once and does the files by itself.
+        server = EmbeddedRedis(port=port)
+        worker = WorkerProc(url, "back@%h", tmp_path, tmp_path / "worker.log").start()
+        deadline = time.monotonic() + 90
+        while len(csv_path.read_text().splitlines()) < 1 + len(files):
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        text = log.read_text()
+        assert "Traceback" not in text, text
+        assert text.count("WARNING") == 1 and text.count("is back after") == 1, text
+        assert len(text.splitlines()) <= 10, text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if worker is not None:
+            worker.stop()
+        if server is not None:
+            server.stop()
+
+
+def test_log_lines_go_above_the_progress_bar(capsys: pytest.CaptureFixture[str]) -> None:
+    from tqdm import tqdm
+
+    from producer.cli import _logs_above
+
+    handler = logging.StreamHandler(sys.stderr)  # what mnistq/cli.py's basicConfig installs
+    root = logging.getLogger()
+    root.addHandler(handler)
+    bar = tqdm(total=2, desc="results", disable=False, file=sys.stderr)
+    try:
+        bar.update(1)
+        with _logs_above(bar):
+            logging.getLogger("mnistq.producer").warning("LOGGED while the bar is up")
+        bar.update(1)
+    finally:
+        bar.close()
+        root.removeHandler(handler)
+    err = capsys.readouterr().err
+    # On a terminal a line is what lies between \r and \n: the record must start one.
+    segments = [s for line in err.split("\n") for s in line.split("\r")]
+    assert "LOGGED while the bar is up" in segments, repr(err)

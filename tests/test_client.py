@@ -1,0 +1,119 @@
+"""The Python API off the happy path: no worker, no broker, a Redis restarted under a job."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import WorkerProc, fresh_db, write_digits
+
+import producer.job
+from mnistq.embedded import EmbeddedRedis
+from mnistq.errors import ConfigError
+from mnistq.protocol import ExitCode
+from mnistq.settings import Settings
+from producer import Client, Job, ResultTimeout
+from producer.broker import BrokerUnavailable
+from producer.client import NoWorker
+
+pytestmark = pytest.mark.timeout(180)
+MNISTQ = [sys.executable, "-c", "import sys; from mnistq.cli import main; sys.exit(main())"]
+
+
+def test_no_worker_is_named_when_results_are_late(
+    redis_server: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = fresh_db(redis_server)
+    files = write_digits(tmp_path, 2)
+    monkeypatch.setattr(producer.job, "LATE_S", 0.5)  # a wait says so before the timeout
+    caplog.set_level(logging.WARNING, "mnistq.producer")
+    with Client(url, settings=Settings(redis_url=url)) as client, pytest.raises(NoWorker) as err:
+        client.classify(list(files), timeout=4)
+    message = str(err.value)
+    assert isinstance(err.value, ResultTimeout) and err.value.exit_code == ExitCode.CONFIG
+    assert message.startswith("2 of 2 results missing after 4")
+    assert f"no worker is consuming queue 'mnistq' on {url}" in message
+    assert f"`REDIS_URL={url} mnistq worker`" in message
+    assert any("results are late: no worker is consuming" in m for m in caplog.messages)
+
+    # The command says the same, in one line, exit 2.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MNISTQ_")}
+    out = subprocess.run(
+        [*MNISTQ, "classify", "--timeout", "2", *map(str, files)],
+        env={**env, "REDIS_URL": url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == ExitCode.CONFIG, out.stderr
+    assert out.stderr.count("\n") == 1 and "no worker is consuming queue 'mnistq'" in out.stderr
+
+
+def test_a_broker_that_stays_away_is_a_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"redis://:secret@127.0.0.1:{s.getsockname()[1]}/0"
+    files = write_digits(tmp_path, 1)
+    started = time.monotonic()
+    with Client(url, settings=Settings(redis_url=url), reconnect_s=2) as client:
+        with pytest.raises(BrokerUnavailable) as err:
+            client.ping()
+        with pytest.raises(BrokerUnavailable) as err:
+            client.classify(list(files))
+    assert isinstance(err.value, ConfigError) and err.value.exit_code == ExitCode.CONFIG
+    assert "cannot reach Redis at redis://:**@127.0.0.1:" in str(err.value)
+    assert "secret" not in str(err.value) and "gave up after 2s" in str(err.value)
+    assert time.monotonic() - started < 10
+
+
+def test_job_results_survive_a_redis_restart_without_persistence(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The queue is lost with Redis; the job finds its messages gone and sends them again."""
+    caplog.set_level(logging.INFO, "mnistq.producer")
+    server = EmbeddedRedis()  # of its own: this test kills it
+    worker = WorkerProc(server.url, "restart@%h", tmp_path, tmp_path / "worker.log")
+    files = write_digits(tmp_path / "files", 40)
+    got: list[object] = []
+
+    def wait(job: Job) -> None:
+        started = time.monotonic()
+        try:
+            got.append(job.results())  # the default: until done, resending lost work
+        except BaseException as e:  # handed to the test's thread
+            got.append(e)
+        got.append(time.monotonic() - started)
+
+    try:
+        with Client(server.url, message_size=8, settings=Settings(redis_url=server.url)) as client:
+            job = client.enqueue(list(files))  # no worker yet: the messages wait in the queue
+            assert len(job.tasks) == 5
+            waiter = threading.Thread(target=wait, args=(job,))
+            waiter.start()
+            # Restarted from this thread: the server dies with the thread that started it.
+            time.sleep(1)  # the job is waiting on its results now
+            server.kill()
+            time.sleep(2)  # the job meets the outage
+            server.start()  # same port, empty: the 5 messages are gone
+            worker.start(wait=False)
+            waiter.join(150)
+        assert len(got) == 2, "results() is still waiting"
+        results, took = got
+        assert isinstance(results, list), results
+        assert [r.digit for r in results] == list(files.values())
+        assert [r.path for r in results] == [str(p) for p in files]
+        assert isinstance(took, float) and took < 60, f"took {took}s"
+        messages = caplog.messages
+        assert sum("cannot reach Redis" in m for m in messages) == 1, messages
+        assert any("is back after" in m for m in messages), messages
+        assert any("messages in flight are gone from the broker" in m for m in messages), messages
+    finally:
+        worker.stop()
+        server.stop()

@@ -1,0 +1,290 @@
+"""The producer under faults, with real processes: `mnistq watch`, real workers, a real Redis.
+
+Names that are not UTF-8, a disk that fills up and grows, the producer killed again and again,
+an inbox entry that cannot be removed, and a Redis restarted without persistence mid-burst.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from conftest import WorkerProc, write_digits
+
+from mnistq.embedded import EmbeddedRedis
+from mnistq.protocol import QUEUE
+from mnistq.settings import Settings
+from producer.client import Client
+from producer.csvsink import CsvSink, unescaped
+from producer.watcher import Watcher, WatchOptions
+
+MNISTQ = [sys.executable, "-c", "import sys; from mnistq.cli import main; sys.exit(main())"]
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    """The CSV's rows; fails on anything that is not whole, well-formed records."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    assert not data or data.endswith(b"\r\n"), f"a torn last row: {data[-80:]!r}"
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert all(None not in r and all(v is not None for v in r.values()) for r in rows), "a malformed row"
+    return rows
+
+
+def wait_for(what: Callable[[], bool], timeout: float, message: Callable[[], str]) -> None:
+    deadline = time.monotonic() + timeout
+    while not what():
+        if time.monotonic() > deadline:
+            pytest.fail(message())
+        time.sleep(0.1)
+
+
+def one_row_each(rows: list[dict[str, str]], names: set[str]) -> None:
+    """Exactly one row per file, and each row names the place where its file is now."""
+    counts = Counter(Path(r["path"]).name for r in rows)
+    assert set(counts) == names, (len(counts), len(names))
+    assert max(counts.values()) == 1, [n for n, c in counts.items() if c > 1][:5]
+    # the cell of a name that is not UTF-8 holds \xNN: unescaped gives the name back
+    missing = [r["moved_to"] for r in rows if not any(map(os.path.lexists, unescaped(r["moved_to"])))]
+    assert not missing, missing[:5]
+
+
+class Watch:
+    """`mnistq watch` as a process, its output in a log file."""
+
+    def __init__(self, env: dict[str, str], root: Path, csv_path: Path | None = None) -> None:
+        self.inbox, self.log = root / "inbox", root / "watch.log"
+        self.csv = csv_path or root / "out" / "results.csv"
+        self.done, self.failed = root / "done", root / "failed"
+        self.csv.parent.mkdir(parents=True, exist_ok=True)
+        self.cmd = [
+            *MNISTQ, "watch", "--inbox", str(self.inbox), "--csv", str(self.csv),
+            "--done-dir", str(self.done), "--failed-dir", str(self.failed),
+        ]  # fmt: skip
+        self.env = {**env, "MNISTQ_LOG_LEVEL": "INFO"}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Watch:
+        offset = self.log.stat().st_size if self.log.exists() else 0
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+        wait_for(lambda: "watching" in self.text()[offset:], 30, self.text)
+        return self
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(90)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def watch(start_worker: Callable[..., WorkerProc], tmp_path: Path) -> Iterator[Callable[..., Watch]]:
+    started: list[Watch] = []
+    worker = start_worker()
+
+    def make(csv_path: Path | None = None) -> Watch:
+        w = Watch(worker.env, tmp_path, csv_path)
+        started.append(w)
+        return w
+
+    yield make
+    for w in started:
+        w.kill()
+
+
+@pytest.mark.timeout(180)
+def test_300_files_one_named_in_bad_utf8_and_a_symlink_give_one_row_each(
+    watch: Callable[..., Watch], tmp_path: Path
+) -> None:
+    w = watch()
+    staging = tmp_path / "staging"
+    files = write_digits(staging, 299)
+    bad = os.fsdecode(b"bad\xff.png")
+    shutil.copy(next(iter(files)), staging / bad)
+    target = write_digits(tmp_path / "elsewhere", 1, prefix="target")
+    w.inbox.mkdir(parents=True)
+    w.start()
+    for p in staging.iterdir():
+        os.rename(p, w.inbox / p.name)
+    os.symlink(next(iter(target)), w.inbox / "link.png")
+    names = {p.name for p in files} | {"bad\\xff.png", "link.png"}
+    wait_for(lambda: len(read_rows(w.csv)) >= 301, 120, lambda: f"{len(read_rows(w.csv))} rows\n{w.text()}")
+    time.sleep(0.5)  # a second row would show now
+    rows = read_rows(w.csv)
+    one_row_each(rows, names)
+    by_name = {Path(r["path"]).name: r for r in rows}
+    assert by_name["bad\\xff.png"]["digit"] == str(files[next(iter(files))])
+    assert os.path.exists(os.fsencode(w.done / bad))
+    assert os.path.islink(Path(by_name["link.png"]["moved_to"])) and next(iter(target)).exists()
+    assert [p.name for p in w.inbox.iterdir() if not p.name.startswith(".")] == []
+    assert w.stop() == 0
+    assert "Traceback" not in w.text()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs (root only); unmounted afterwards."""
+    where = tmp_path / "small"
+    where.mkdir()
+    out = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)], capture_output=True, text=True
+    )
+    if out.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (root needed): {out.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+@pytest.mark.timeout(240)
+def test_a_full_disk_pauses_and_growing_it_resumes_with_every_file_one_whole_row(
+    watch: Callable[..., Watch], tmp_path: Path, small_disk: Path
+) -> None:
+    w = watch(small_disk / "results.csv")
+    staging = write_digits(tmp_path / "staging", 1000)
+    w.inbox.mkdir(parents=True)
+    w.start()
+    for p in staging:
+        os.rename(p, w.inbox / p.name)
+    wait_for(lambda: "intake paused" in w.text(), 120, w.text)
+    time.sleep(3)  # paused: retries fail, nothing moves
+    rows = read_rows(w.csv)
+    assert 0 < len(rows) < 1000
+    # Nothing left the inbox without its row; the rest waits there.
+    moved = {p.name for d in (w.done, w.failed) if d.exists() for p in d.iterdir()}
+    assert moved == {Path(r["moved_to"]).name for r in rows}
+    assert len(moved) + len([p for p in w.inbox.iterdir() if not p.name.startswith(".")]) == 1000
+    subprocess.run(["mount", "-o", "remount,size=4m", str(small_disk)], check=True)
+    wait_for(lambda: len(read_rows(w.csv)) >= 1000, 120, lambda: f"{len(read_rows(w.csv))} rows\n{w.text()}")
+    time.sleep(0.5)
+    one_row_each(read_rows(w.csv), {p.name for p in staging})
+    assert w.stop() == 0
+    text = w.text()
+    assert text.count("intake paused") == 1 and text.count("intake resumed") == 1, text
+    assert "Traceback" not in text
+
+
+@pytest.mark.timeout(300)
+def test_the_producer_killed_again_and_again_gives_each_file_one_row(
+    watch: Callable[..., Watch], tmp_path: Path
+) -> None:
+    w = watch()
+    w.env["MNISTQ_MESSAGE_SIZE"] = "16"
+    files = write_digits(w.inbox, 600)
+    for n in (30, 150, 300):  # killed wherever it is: linking, writing rows, removing entries
+        w.start()
+        wait_for(lambda n=n: len(read_rows(w.csv)) >= n, 120, w.text)  # type: ignore[misc]
+        w.stop(signal.SIGKILL)
+    w.start()
+    wait_for(lambda: len(read_rows(w.csv)) >= 600, 120, lambda: f"{len(read_rows(w.csv))} rows")
+    time.sleep(1)
+    rows = read_rows(w.csv)
+    one_row_each(rows, {p.name for p in files})
+    assert sorted(p.name for p in w.done.iterdir()) == sorted(p.name for p in files)  # no strays
+    assert [p.name for p in w.inbox.iterdir() if not p.name.startswith(".")] == []
+    assert w.stop() == 0
+
+
+@pytest.mark.timeout(120)
+def test_an_unremovable_inbox_entry_gets_one_row_and_one_warning(
+    start_worker: Callable[..., WorkerProc], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    worker = start_worker()
+    inbox, sub = tmp_path / "inbox", tmp_path / "inbox" / "locked"
+    write_digits(sub, 3)
+    if subprocess.run(["chattr", "+i", str(sub)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not supported here")
+    sink = CsvSink(tmp_path / "results.csv")
+    opts = WatchOptions(inbox=inbox, done_dir=tmp_path / "done", failed_dir=tmp_path / "failed", rescan_s=0.3)
+    stop = threading.Event()
+    try:
+        with Client(worker.url, settings=Settings(redis_url=worker.url)) as client:
+            watcher = Watcher(client, sink, opts, stop)
+            runner = threading.Thread(target=watcher.run)
+            with caplog.at_level(logging.WARNING, logger="mnistq.producer"):
+                runner.start()
+                wait_for(lambda: len(read_rows(tmp_path / "results.csv")) >= 3, 60, lambda: "no rows")
+                time.sleep(3)  # ten rescans
+                stop.set()
+                runner.join(60)
+    finally:
+        subprocess.run(["chattr", "-i", str(sub)], check=False)
+        sink.close()
+    rows = read_rows(tmp_path / "results.csv")
+    assert len(rows) == 3 and all(Path(r["moved_to"]).exists() for r in rows)
+    assert len(list(sub.iterdir())) == 3  # still there
+    warnings = [m for m in caplog.messages if "could not remove" in m]
+    assert len(warnings) == 3, warnings  # one per file, not one per rescan
+
+
+@pytest.mark.timeout(400)
+def test_redis_restarted_without_persistence_mid_burst_every_file_gets_its_row(tmp_path: Path) -> None:
+    server = EmbeddedRedis()
+    workers = [
+        WorkerProc(server.url, f"w{i}@%h", tmp_path, tmp_path / f"w{i}.log", MNISTQ_VISIBILITY_TIMEOUT="30")
+        for i in (1, 2)
+    ]
+    w = Watch(workers[0].env, tmp_path)
+    try:
+        for worker in workers:
+            worker.start()
+        staging = write_digits(tmp_path / "staging", 3000)
+        w.inbox.mkdir(parents=True)
+        w.start()
+        for p in staging:
+            os.rename(p, w.inbox / p.name)
+        # Killed with messages waiting in the queue (about 1 s into the burst): they are lost.
+        queue = redis.Redis.from_url(server.url)
+        wait_for(lambda: queue.llen(QUEUE) >= 2, 30, lambda: "no message waited in the queue")
+        queued = queue.llen(QUEUE)
+        queue.close()
+        server.kill()
+        server.start()  # the same port, nothing in it
+        restarted = time.monotonic()
+        at_restart = len(read_rows(w.csv))
+        wait_for(
+            lambda: len(read_rows(w.csv)) >= 3000,
+            90,
+            lambda: f"{len(read_rows(w.csv))} of 3000 rows 90 s after the restart\n{w.text()[-3000:]}",
+        )
+        took = time.monotonic() - restarted
+        time.sleep(1)
+        one_row_each(read_rows(w.csv), {p.name for p in staging})
+        text = w.text()
+        print(
+            f"\n{queued} messages queued and {at_restart} rows at the restart; 3000 rows {took:.1f} s after it"
+        )
+        print("\n".join(line for line in text.splitlines() if "again" in line))
+        assert "Traceback" not in text, text[-5000:]
+        alive = [wk.proc is not None and wk.proc.poll() is None for wk in workers]
+        print(f"workers alive: {alive}")
+        assert w.stop() == 0
+    finally:
+        w.kill()
+        for worker in workers:
+            worker.stop()
+        server.stop()

@@ -1,0 +1,291 @@
+"""The row-and-move rule (producer/finish.py): place, one row write, remove; crashes between the
+steps; names any filesystem holds; a disk that refuses. Fake broker, real files, a real CSV."""
+
+from __future__ import annotations
+
+import csv
+import errno
+import logging
+import os
+from pathlib import Path
+
+import pytest
+from test_dispatch import Setup, answer
+
+import producer.finish
+from mnistq.protocol import ErrorKind, Reply, Result
+from producer.csvsink import CsvSink
+from producer.dispatch import Dispatcher
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Crash(BaseException):
+    """The producer dying between two steps (nothing after it runs)."""
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def restart(s: Setup) -> Dispatcher:
+    """A new producer on the same inbox, CSV and folders."""
+    s.sink.close()
+    s.sink = CsvSink(s.csv)
+    s.dispatch = Dispatcher(s.broker, s.sink, inbox=s.inbox, done_dir=s.done, failed_dir=s.failed)
+    return s.dispatch
+
+
+def scan(s: Setup) -> list[str]:
+    """What a rescan would take in: the inbox files without a row (their rows' entries removed)."""
+    left = []
+    for p in sorted(s.inbox.iterdir()):
+        if not s.dispatch.already_done(str(p), os.lstat(p)):
+            left.append(str(p))
+    return left
+
+
+def test_rows_name_the_final_place_and_the_file_is_there(tmp_path: Path) -> None:
+    s = Setup(tmp_path, 3)
+    s.done.mkdir()
+    (s.done / "f0.png").write_bytes(b"an earlier f0.png, not to be overwritten")
+    contents = {p: Path(p).read_bytes() for p in s.paths}
+    s.dispatch.send(s.paths)
+    task_id, paths, ids = s.broker.sent[0]
+    results = answer(s.broker.sent[0]).results
+    results[2] = Result.failed(paths[2], ErrorKind.UNREADABLE, "not an image", ids[2])
+    s.dispatch.on_reply(Reply(task_id, results))
+    rows = {r["path"]: r for r in s.rows()}
+    assert rows[paths[0]]["moved_to"] == str(s.done / f"f0.{ids[0][:8]}.png")  # the name was taken
+    assert rows[paths[1]]["moved_to"] == str(s.done / "f1.png")
+    assert rows[paths[2]]["moved_to"] == str(s.failed / "f2.png")
+    for path, row in rows.items():
+        assert Path(row["moved_to"]).read_bytes() == contents[path]
+    assert (s.done / "f0.png").read_bytes().startswith(b"an earlier")
+    assert list(s.inbox.iterdir()) == [] and s.dispatch.idle
+
+
+def test_with_keep_files_stay_and_moved_to_is_empty(tmp_path: Path) -> None:
+    s = Setup(tmp_path, 2, keep=True)
+    s.dispatch.send(s.paths)
+    s.dispatch.on_reply(answer(s.broker.sent[0]))
+    assert [r["moved_to"] for r in s.rows()] == ["", ""]
+    assert all(Path(p).exists() for p in s.paths) and not s.done.exists()
+
+
+def test_a_crash_between_link_and_row_redoes_each_file_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = Setup(tmp_path, 3)
+    s.dispatch.send(s.paths)
+
+    def crash(*_: object) -> None:
+        raise Crash
+
+    with monkeypatch.context() as m:
+        m.setattr(CsvSink, "append", crash)
+        with pytest.raises(Crash):
+            s.dispatch.on_reply(answer(s.broker.sent[0]))
+    # What the dead run left: links in done/, no rows, every file still in the inbox.
+    assert sorted(p.name for p in s.done.iterdir()) == ["f0.png", "f1.png", "f2.png"]
+    assert read_rows(s.csv) == [] and len(list(s.inbox.iterdir())) == 3
+    d = restart(s)
+    todo = scan(s)
+    assert todo == s.paths  # no row: redone (linking changed their ctime, so their ids)
+    d.send(todo)
+    d.on_reply(answer(s.broker.sent[-1]))
+    rows = read_rows(s.csv)
+    assert sorted(r["path"] for r in rows) == s.paths
+    assert [r["moved_to"] for r in rows] == [str(s.done / f"f{i}.png") for i in range(3)]
+    assert sorted(p.name for p in s.done.iterdir()) == ["f0.png", "f1.png", "f2.png"]  # reused
+    assert list(s.inbox.iterdir()) == []
+
+
+def test_a_crash_between_row_and_removal_removes_the_entry_on_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = Setup(tmp_path, 3)
+    s.dispatch.send(s.paths)
+
+    def crash(*_: object) -> bool:
+        raise Crash
+
+    with monkeypatch.context() as m:
+        m.setattr(producer.finish, "remove", crash)
+        with pytest.raises(Crash):
+            s.dispatch.on_reply(answer(s.broker.sent[0]))
+    assert len(read_rows(s.csv)) == 3 and len(list(s.inbox.iterdir())) == 3
+    restart(s)
+    assert scan(s) == []  # each has its row: its inbox entry goes, nothing is sent
+    assert list(s.inbox.iterdir()) == []
+    rows = read_rows(s.csv)
+    assert len(rows) == 3 and all(Path(r["moved_to"]).exists() for r in rows)
+
+
+def test_an_unremovable_entry_gets_one_row_and_one_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = Setup(tmp_path, 2)
+    stuck = s.paths[0]
+    real_unlink = os.unlink
+
+    def unlink(path: object, *args: object, **kw: object) -> None:
+        if os.fspath(path) == stuck:  # type: ignore[call-overload]
+            raise PermissionError(errno.EPERM, "Operation not permitted", stuck)
+        real_unlink(path, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    with caplog.at_level(logging.WARNING, logger="mnistq.producer"):
+        s.dispatch.send(s.paths)
+        s.dispatch.on_reply(answer(s.broker.sent[0]))
+        for _ in range(5):  # rescans, every 30 s in a real run
+            assert scan(s) == []
+        s.dispatch.send([stuck])  # a late event for it: no second row
+    assert len(s.broker.sent) == 1
+    assert [r["path"] for r in s.rows()] == s.paths
+    assert [m for m in caplog.messages if stuck in m] == [
+        f"could not remove {stuck} from the inbox ([Errno 1] Operation not permitted: '{stuck}'); "
+        f"its row is written and it is in {s.done / 'f0.png'}"
+    ]
+    assert os.listdir(s.inbox) == ["f0.png"]
+
+
+def test_a_symlink_leaves_the_inbox_its_target_stays(tmp_path: Path) -> None:
+    s = Setup(tmp_path)
+    outside = tmp_path / "target.png"
+    outside.write_bytes(b"image")
+    link = s.inbox / "link.png"
+    link.symlink_to(outside)
+    s.dispatch.send([str(link)])
+    task_id, paths, ids = s.broker.sent[0]
+    s.dispatch.on_reply(Reply(task_id, [Result.failed(paths[0], ErrorKind.REFUSED, "a symlink", ids[0])]))
+    [row] = s.rows()
+    assert row["moved_to"] == str(s.failed / "link.png")
+    assert not os.path.lexists(link) and outside.read_bytes() == b"image"
+    assert os.readlink(s.failed / "link.png") == str(outside)
+
+
+def test_a_name_that_is_not_utf8_gets_its_row_and_its_message_is_unaffected(tmp_path: Path) -> None:
+    s = Setup(tmp_path, 3)
+    bad = s.make(os.fsdecode(b"bad\xff.png"))
+    s.dispatch.send([*s.paths, bad])
+    task_id, _, ids = s.broker.sent[0]
+    results = answer(s.broker.sent[0]).results
+    results[3] = Result.failed(bad, ErrorKind.UNREADABLE, f"cannot read {bad}", ids[3])
+    s.dispatch.on_reply(Reply(task_id, results))
+    rows = s.rows()
+    assert [r["path"] for r in rows] == [*s.paths, str(s.inbox / "bad\\xff.png")]
+    assert rows[3]["moved_to"] == str(s.failed / "bad\\xff.png")
+    assert rows[3]["error"] == f"cannot read {s.inbox / 'bad'}\\xff.png"
+    assert os.listdir(os.fsencode(s.failed)) == [b"bad\xff.png"]
+    assert list(s.inbox.iterdir()) == []
+
+
+def test_a_result_that_cannot_be_written_is_that_files_error_row(tmp_path: Path) -> None:
+    s = Setup(tmp_path, 3)
+    s.dispatch.send(s.paths)
+    task_id, _, _ = s.broker.sent[0]
+    results = answer(s.broker.sent[0]).results
+    results[1].confidence = "very"  # type: ignore[assignment]  # a worker's odd answer
+    s.dispatch.on_reply(Reply(task_id, results))
+    rows = s.rows()
+    assert [(r["digit"], r["error_kind"]) for r in rows] == [("3", ""), ("", "internal"), ("3", "")]
+    assert "unwritable result" in rows[1]["error"] and rows[1]["moved_to"] == str(s.done / "f1.png")
+
+
+class FullDisk:
+    """os.write for the CSV: a short write, then ENOSPC, until ``space`` is set."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, fd: int) -> None:
+        self.space, self.fd, self.calls = False, fd, 0
+        self.real = os.write
+        monkeypatch.setattr(os, "write", self)
+
+    def __call__(self, fd: int, data: bytes) -> int:
+        if fd != self.fd or self.space:
+            return self.real(fd, data)
+        self.calls += 1
+        if self.calls % 2:
+            return self.real(fd, bytes(data)[: len(data) // 2])  # what fits
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_pauses_intake_and_resumes_with_nothing_lost_or_torn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = Setup(tmp_path, 4, message_size=2, retry_s=2.0)
+    s.dispatch.finisher.clock = s.clock
+    before = s.csv.read_bytes()
+    s.dispatch.send(s.paths)
+    disk = FullDisk(monkeypatch, s.sink._fd)
+    with caplog.at_level(logging.INFO, logger="mnistq.producer"):
+        s.dispatch.on_reply(answer(s.broker.sent[0]))
+        s.dispatch.on_reply(answer(s.broker.sent[1]))  # waits behind the first
+        assert s.csv.read_bytes() == before  # the half row was taken back
+        assert s.dispatch.room() == 0 and s.dispatch.finisher.waiting() == 4
+        assert len(list(s.inbox.iterdir())) == 4 and not any(s.done.glob("*"))
+        for t in (1.0, 2.5, 5.0):
+            s.clock.t = t
+            assert s.dispatch.tick() == []
+        assert s.csv.read_bytes() == before and disk.calls == 6
+        disk.space = True
+        s.clock.t = 7.5
+        s.dispatch.tick()
+    assert s.dispatch.room() > 0 and s.dispatch.idle
+    rows = s.rows()
+    assert sorted(r["path"] for r in rows) == s.paths and all(Path(r["moved_to"]).exists() for r in rows)
+    assert list(s.inbox.iterdir()) == []
+    said = [m for m in caplog.messages if "paused" in m or "resumed" in m]
+    assert len(said) == 2
+    assert said[0].startswith(f"cannot write {s.csv}: No space left on device; intake paused")
+    assert said[1].startswith("results can be written again after")
+
+
+def test_files_are_copied_across_filesystems_and_a_full_target_pauses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = Setup(tmp_path, 2, retry_s=0.0)
+    real_link = os.link
+    full = {"on": True}
+
+    def link(src: object, dst: object, **kw: object) -> None:
+        if Path(os.fspath(src)).parent == s.inbox:  # type: ignore[call-overload]
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        if full["on"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_link(src, dst, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "link", link)
+    s.dispatch.send(s.paths)
+    s.dispatch.on_reply(answer(s.broker.sent[0]))
+    assert s.dispatch.finisher.paused and read_rows(s.csv) == []
+    assert len(list(s.inbox.iterdir())) == 2 and list(s.done.iterdir()) == []  # no .part left
+    full["on"] = False
+    s.dispatch.tick()
+    rows = s.rows()
+    assert [Path(r["moved_to"]).read_bytes() for r in rows] == [b"image", b"image"]
+    assert [Path(r["moved_to"]).name for r in rows] == ["f0.png", "f1.png"]
+    assert list(s.inbox.iterdir()) == []
+
+
+def test_an_unexpected_failure_hands_the_files_back_to_be_redone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = Setup(tmp_path, 2)
+    s.dispatch.send(s.paths)
+
+    def bug(*_: object) -> None:
+        raise ValueError("a bug")
+
+    with monkeypatch.context() as m, caplog.at_level(logging.ERROR, logger="mnistq.producer"):
+        m.setattr(CsvSink, "append", bug)
+        s.dispatch.on_reply(answer(s.broker.sent[0]))
+    assert any("could not be written; they are redone" in m for m in caplog.messages)
+    assert s.dispatch.idle and not s.dispatch.finisher.paused and read_rows(s.csv) == []
+    todo = scan(s)  # the next rescan finds them (linking changed their ids: sent as new)
+    assert todo == s.paths
+    s.dispatch.send(todo)
+    s.dispatch.on_reply(answer(s.broker.sent[-1]))
+    assert [r["path"] for r in s.rows()] == s.paths and list(s.inbox.iterdir()) == []
+    assert sorted(p.name for p in s.done.iterdir()) == ["f0.png", "f1.png"]
