@@ -6,6 +6,10 @@ seed's preprocessing (grayscale, resize the whole image to 28x28, ToTensor) and 
 (mnistq/images.py) then feed the same shipped model.
 
     python bench/realworld.py --images 2000
+    python bench/realworld.py --images 300 --upscale 8   # photos of 1-3 megapixels and more
+
+``--upscale`` enlarges each photo before it is saved, as a camera of higher resolution would
+see the same page; mnistq/images.py then decodes it small (JPEG draft mode, see MIN_SIDE).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from trainer.data import load_split
 from trainer.model import load_checkpoint, pick_device, pick_precision, predict_probs, prepare
 
 
-def photograph(digit: np.ndarray, rng: np.random.Generator) -> Image.Image:
+def photograph(digit: np.ndarray, rng: np.random.Generator, upscale: float = 1.0) -> Image.Image:
     scale = rng.uniform(3, 6)
     size = round(28 * scale)
     ink = Image.fromarray(digit).resize((size, size), Image.Resampling.BICUBIC)
@@ -37,7 +41,10 @@ def photograph(digit: np.ndarray, rng: np.random.Generator) -> Image.Image:
     paper[y : y + size, x : x + size] *= 1 - 0.85 * strokes  # dark ink on light paper
     im = Image.fromarray((np.clip(paper, 0, 1) * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(1.0))
     noisy = np.asarray(im, dtype=np.float32) + rng.normal(0, 6, (h, w))
-    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).convert("RGB")
+    photo = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).convert("RGB")
+    if upscale != 1.0:
+        photo = photo.resize((round(w * upscale), round(h * upscale)), Image.Resampling.BICUBIC)
+    return photo
 
 
 def seed_preprocess(path: Path) -> np.ndarray:
@@ -51,6 +58,9 @@ def main() -> None:
         "--images", type=int, default=2000, help="test digits to photograph (default: %(default)s)"
     )
     p.add_argument("--data-dir", type=Path, default=DATA, help="MNIST folder (default: %(default)s)")
+    p.add_argument(
+        "--upscale", type=float, default=1.0, help="enlarge each photo this much (default: %(default)s)"
+    )
     args = p.parse_args()
     x, y, _ = load_split(args.data_dir, "test")
     rng = np.random.default_rng(0)
@@ -58,7 +68,7 @@ def main() -> None:
     paths = []
     for i in range(args.images):
         path = folder / f"{i:05d}.jpg"
-        photograph(x[i, 0].numpy(), rng).save(path, quality=90)
+        photograph(x[i, 0].numpy(), rng, args.upscale).save(path, quality=90)
         paths.append(path)
     ckpt = load_checkpoint(Settings.from_env().model)
     device = pick_device("auto")

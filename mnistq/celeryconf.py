@@ -40,7 +40,13 @@ def config(settings: Settings) -> dict[str, Any]:
             "unacked_restore_interval": 5,
             "unacked_restore_throttle": 1,
         },
+        # A worker waits for its broker however long it is away (worker/broker.py says so
+        # once, then every 30 s); Celery's default gives up after 100 tries, ~46 minutes.
         "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        # On Redis kombu's QoS is per consumer, so Celery skips this reduction after every
+        # reconnect anyway, with an INFO line saying so.
+        "worker_enable_prefetch_count_reduction": False,
         "result_expires": settings.result_expires,
         "task_default_queue": QUEUE,
         # Celery's CLI treats `--pool prefork` as "the default" and keeps this setting, so the

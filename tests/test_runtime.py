@@ -170,7 +170,10 @@ def test_disallowed_paths_are_refused_unopened(tmp_path: Path, monkeypatch) -> N
     def spy(real):
         def wrapper(file, *args, **kwargs):
             if isinstance(file, (str, os.PathLike)):
-                opened.append(os.path.realpath(file))
+                # load_image opens one component at a time, each relative to its folder's fd.
+                folder = kwargs.get("dir_fd")
+                base = os.readlink(f"/proc/self/fd/{folder}") if folder is not None else ""
+                opened.append(os.path.realpath(os.path.join(base, file)))
             return real(file, *args, **kwargs)
 
         return wrapper
@@ -220,3 +223,67 @@ def test_runtime_loads_the_model_and_classifies(tmp_path: Path) -> None:
     assert [r.digit for r in results] == list(digits.values())
     assert {r.model_version for r in results} == {version}
     assert Runtime(Settings(), start_version="abc").model_info()["version"] == "abc"  # prefork parent
+
+
+# --- check, then open: what is swapped in between is refused, never read -------------------------
+
+
+def _swap_after_check(monkeypatch, victim: Path, swap) -> None:
+    """checked_path passes ``victim``, then ``swap(victim)`` replaces it before it is opened."""
+    real_check = worker.runtime.checked_path
+
+    def check_then_swap(raw: str, roots: tuple[Path, ...]) -> Path:
+        checked = real_check(raw, roots)
+        if checked == victim:
+            swap(victim)
+        return checked
+
+    monkeypatch.setattr(worker.runtime, "checked_path", check_then_swap)
+
+
+def _to_fifo(path: Path) -> None:
+    path.unlink()
+    os.mkfifo(path)  # no writer ever: a blocking open would wait forever
+
+
+def _to_link_out(path: Path) -> None:
+    path.unlink()
+    path.symlink_to("/etc/hostname")
+
+
+def _folder_to_link_out(path: Path) -> None:
+    outside = path.parent.parent.parent / "outside"  # beside the root, not under it
+    outside.mkdir()
+    (outside / path.name).write_text("secret")
+    path.parent.rename(path.parent.parent / "moved")
+    path.parent.symlink_to(outside)
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize(
+    ("swap", "message"),
+    [
+        (_to_fifo, "not a regular file"),
+        (_to_link_out, "the file is a symbolic link"),
+        (_folder_to_link_out, "a folder on its path is a symbolic link"),
+    ],
+)
+def test_a_file_swapped_after_the_check_is_refused_unread(tmp_path: Path, monkeypatch, swap, message) -> None:
+    root = tmp_path / "root"
+    good = [str(p) for p in write_digits(root / "in", 2)]
+    victim = next(iter(write_digits(root / "victim", 1)))  # a folder of its own, for the folder swap
+    paths = [good[0], str(victim), good[1]]
+    _swap_after_check(monkeypatch, victim, swap)
+    results = classify_paths(_settings(root), FakeBatcher(), ClassifyRequest(paths=paths))
+    assert [r.error_kind for r in results] == [None, ErrorKind.REFUSED, None]
+    assert message in (results[1].error or "")
+    assert [r.digit for r in results] == [0, None, 1]  # the others unaffected, nothing blocked
+
+
+def test_outside_the_roots_names_the_roots(tmp_path: Path) -> None:
+    roots = (tmp_path / "a", tmp_path / "b")
+    settings = Settings(allowed_roots=roots)
+    [result] = classify_paths(settings, FakeBatcher(), ClassifyRequest(paths=["/etc/hostname"]))
+    assert result.error == (
+        f"path is outside the allowed roots ({roots[0]}, {roots[1]}); set MNISTQ_ALLOWED_ROOTS on the worker"
+    )

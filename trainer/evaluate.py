@@ -26,9 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="checkpoint (default: MNISTQ_MODEL or the shipped model_state.pt)",
     )
-    p.add_argument(
-        "--data-dir", type=Path, default=data.DEFAULT_DATA_DIR, help="MNIST folder (default: %(default)s)"
-    )
+    p.add_argument("--data-dir", type=Path, default=None, help=data.DATA_DIR_HELP)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: %(default)s")
     p.add_argument(
         "--precision", default="auto", choices=["auto", "bf16", "fp32"], help="default: %(default)s"
@@ -39,8 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = load_checkpoint(args.model or Settings.from_env().model)
     device = pick_device(args.device)
     precision = pick_precision(device, args.precision)
-    data.ensure_downloaded(args.data_dir)
-    x, y, digest = data.load_split(args.data_dir, "test")
+    x, y, digest = data.load_split(data.find(args.data_dir, ("test",)), "test")
     model = prepare(ckpt.model, device)
     probs = predict_probs(model, x, ckpt.meta["mean"], ckpt.meta["std"], device, precision)
     pred = probs.argmax(1)

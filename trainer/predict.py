@@ -15,6 +15,14 @@ from mnistq.settings import Settings
 from trainer.model import load_checkpoint, pick_device, pick_precision, predict_probs, prepare
 
 
+def _resolved(path: Path) -> Path:
+    """Links the user names are welcome here, so resolve them (load_image follows none)."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # a link loop: load_image refuses the link itself
+        return path
+
+
 def main(argv: list[str] | None = None) -> int:
     settings = Settings.from_env()
     p = argparse.ArgumentParser(prog="mnistq predict", description="Classify digit images.")
@@ -39,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     arrays, ok, failed = [], [], 0
     for path in args.images:
         try:
-            arrays.append(load_image(path, args.max_pixels))
+            arrays.append(load_image(_resolved(path), args.max_pixels))
             ok.append(path)
         except ImageError as e:
             print(f"{path}: error: {e}", file=sys.stderr)

@@ -24,7 +24,7 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from mnistq.settings import DEFAULT_MODEL
-from trainer import data
+from trainer import data, publish
 from trainer.model import (
     ARCH,
     MNIST_MEAN,
@@ -36,7 +36,6 @@ from trainer.model import (
     pick_precision,
     predict_probs,
     prepare,
-    save_checkpoint,
     train_memory_format,
 )
 
@@ -94,21 +93,24 @@ def ema_avg(decay: float) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor 
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="mnistq train", description="Train the seed CNN on MNIST.")
-    a = p.add_argument
-    a(
-        "--data-dir",
-        type=Path,
-        default=data.DEFAULT_DATA_DIR,
-        help="MNIST folder; downloaded there if missing (default: %(default)s)",
+    p = argparse.ArgumentParser(
+        prog="mnistq train",
+        description="Train the seed CNN on MNIST.",
+        epilog=f"The model already at --out is measured on the same test set first. A new model "
+        f"that reads fewer test digits right does not replace it: it is written beside it "
+        f"(model_state.new.pt for model_state.pt) and the command exits with "
+        f"{int(publish.KEPT_EXIT)}, unless --force. Exit 0: written to --out.",
     )
+    a = p.add_argument
+    a("--data-dir", type=Path, default=None, help=data.DATA_DIR_HELP)
     a("--epochs", type=int, default=10, help="default: %(default)s")
     a(
         "--out",
         type=Path,
         default=DEFAULT_MODEL,
-        help="checkpoint to write, atomically (default: %(default)s)",
+        help="checkpoint to write, atomically (default: the shipped model, %(default)s)",
     )
+    a("--force", action="store_true", help="replace the model at --out even if it reads more digits right")
     a("--seed", type=int, default=1, help="default: %(default)s")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: %(default)s")
     a(
@@ -169,13 +171,14 @@ def recipe(args: argparse.Namespace) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
 
 
-def train(args: argparse.Namespace) -> dict[str, float | str]:
+def train(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
     precision = pick_precision(device, args.precision)
-    data.ensure_downloaded(args.data_dir)
-    x_train, y_train, h_train = data.load_split(args.data_dir, "train")
-    x_test, y_test, h_test = data.load_split(args.data_dir, "test")
+    old = publish.previous(args.out, args.force)  # before hours of training, not after
+    raw = data.find(args.data_dir)
+    x_train, y_train, h_train = data.load_split(raw, "train")
+    x_test, y_test, h_test = data.load_split(raw, "test")
     if args.limit:
         x_train, y_train = x_train[: args.limit], y_train[: args.limit]
     x_train, y_train = x_train.to(device), y_train.to(device)
@@ -248,15 +251,21 @@ def train(args: argparse.Namespace) -> dict[str, float | str]:
         "versions": {"torch": str(torch.__version__), "python": platform.python_version()},
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    version = save_checkpoint(args.out, final.state_dict(), meta)
+    old_acc = None if old is None else publish.accuracy(old, x_test, y_test, device, precision)
+    outcome = publish.publish(args.out, final.state_dict(), meta, old, old_acc, args.force)
     elapsed = time.perf_counter() - t_start
-    print(f"wrote {args.out} (version {version}), test accuracy {acc:.2%}, {elapsed:.0f}s")
-    return {"accuracy": acc, "version": version, "seconds": elapsed}
+    print(f"{outcome.message}, {elapsed:.0f}s")
+    return {
+        "accuracy": acc,
+        "version": outcome.version,
+        "seconds": elapsed,
+        "path": outcome.path,
+        "kept": outcome.kept,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    train(parse_args(argv))
-    return 0
+    return int(publish.KEPT_EXIT) if train(parse_args(argv))["kept"] else 0
 
 
 if __name__ == "__main__":

@@ -14,18 +14,24 @@ import functools
 import logging
 import os
 import sys
+import warnings
 from typing import Any, NoReturn
 
 from celery import Celery, Task, signals
+from celery.exceptions import CPendingDeprecationWarning
 from celery.worker.control import inspect_command
 
 from mnistq.celeryconf import config
 from mnistq.errors import MnistqError
 from mnistq.protocol import QUEUE, REPLY_PREFIX, TASK_NAME, ClassifyRequest, ExitCode, Reply, is_reply_key
 from mnistq.settings import Settings
+from worker import outage, redis_transport
+from worker.broker import quiet_celery_reconnect_logs
+from worker.reply import push_reply
 from worker.runtime import Runtime, classify_paths, internal_failure
 
 log = logging.getLogger("mnistq.worker")
+redis_transport.install()  # before the app opens any broker connection (see its docstring)
 app = Celery("mnistq")
 
 #: This process's runtime, built once at start (see the signals below); None until then.
@@ -53,7 +59,8 @@ def settings() -> Settings:
 
 @app.on_configure.connect
 def _configure(sender: Celery, **_: Any) -> None:
-    sender.config_from_object(config(settings()))
+    # Our consumer waits for the broker quietly (worker/broker.py).
+    sender.config_from_object({**config(settings()), "worker_consumer": "worker.broker:Consumer"})
 
 
 def runtime() -> Runtime | None:
@@ -86,6 +93,8 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
         s.require_redis()
     except MnistqError as e:
         _fail_start(str(e), ExitCode.CONFIG)
+    outage.configure(str(app.conf.broker_url), s.redis_url)
+    quiet_celery_reconnect_logs()
     # The command line's --pool/--concurrency override the config; the sender knows the result.
     pool = str(getattr(sender, "pool_cls", app.conf.worker_pool))
     processes = int(getattr(sender, "concurrency", None) or 1)
@@ -100,6 +109,17 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
         _runtime = Runtime(s, processes=processes, start_version=version, queue_depth=queue_depth)
         return
     _runtime = _load(Runtime(s, processes=1, queue_depth=queue_depth))
+    _runtime.heap.limit_arenas()
+
+
+@signals.worker_ready.connect
+def _on_worker_ready(**_: Any) -> None:
+    # Said on every lost connection, about a Celery 6 default that does not concern us: with
+    # acks_late, what a worker held when its broker went away is delivered again anyway. Set
+    # here, after Celery's logging setup turned its deprecation warnings on ("always").
+    warnings.filterwarnings(
+        "ignore", r"\s*In Celery 5\.1 we introduced an optional breaking", CPendingDeprecationWarning
+    )
 
 
 @signals.worker_process_init.connect
@@ -108,6 +128,7 @@ def _on_worker_process_init(**_: Any) -> None:
     parent = _runtime  # inherited through the fork
     processes = parent.processes if parent is not None else 1
     _runtime = _load(Runtime(settings(), processes=processes, queue_depth=queue_depth))
+    _runtime.heap.limit_arenas()
 
 
 @signals.worker_shutdown.connect
@@ -165,8 +186,7 @@ def classify(self: Task, *args: Any, **kwargs: Any) -> None:
     except Exception as e:  # the loop's edge: every path still gets its (error) result
         log.exception("classifying %d paths failed", len(request.paths))
         results = internal_failure(request, e, hostname)
+    rt.heap.trim()  # the decoded images are garbage now
     if reply_to is not None:
         # A list per client: the producer pops whole task results as they finish, no polling.
-        message = Reply(task_id, results).dumps()
-        client = app.backend.client
-        client.pipeline().rpush(reply_to, message).expire(reply_to, rt.settings.result_expires).execute()
+        push_reply(app.backend.client, reply_to, Reply(task_id, results).dumps(), rt.settings.result_expires)

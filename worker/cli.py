@@ -8,8 +8,12 @@ from typing import Any
 
 from kombu.utils.url import maybe_sanitize_url
 
+from mnistq.errors import ConfigError
 from mnistq.protocol import QUEUE
 from mnistq.settings import Settings
+
+#: seconds `mnistq status` gives the broker to answer before it says it cannot reach it
+BROKER_TIMEOUT_S = 3.0
 
 
 def main(argv: list[str]) -> int:
@@ -28,10 +32,30 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def require_broker(url: str, timeout: float = BROKER_TIMEOUT_S) -> None:
+    """Connect once, no retries; ConfigError naming the URL (password hidden) if that fails."""
+    from kombu import Connection
+
+    # Both timeouts: kombu's connect_timeout is what AMQP uses, Redis reads its own option.
+    conn = Connection(
+        url,
+        connect_timeout=timeout,
+        transport_options={"socket_connect_timeout": timeout, "socket_timeout": timeout},
+    )
+    try:
+        conn.ensure_connection(max_retries=0)
+    except Exception as e:  # refused, timed out, unknown host, bad password: all mean "not there"
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise ConfigError(f"cannot reach the broker at {maybe_sanitize_url(url)}: {reason}") from None
+    finally:
+        conn.release()
+
+
 def collect_status(timeout: float = 1.0) -> dict[str, Any]:
     """Queue depth and each live worker's model version, as one dict."""
     from worker.app import app, queue_depth
 
+    require_broker(str(app.conf.broker_url))
     replies = app.control.broadcast("mnistq_model", reply=True, timeout=timeout)
     workers = {name: info for reply in replies for name, info in reply.items()}
     return {

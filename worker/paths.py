@@ -12,8 +12,9 @@ def checked_path(raw: str, roots: tuple[Path, ...]) -> Path:
     """The real path of ``raw`` if it lies under one of ``roots``; ImageError otherwise.
 
     Symlinks are resolved first, so a link inside the inbox that points out of it is refused.
-    Nothing is opened here; ``mnistq.images.open_checked`` then refuses devices and folders
-    by ``stat`` before opening.
+    Nothing is opened here: ``mnistq.images.load_image`` then opens the real path without
+    following links (one swapped in after this check is refused) and checks what it opened
+    (a FIFO, device or folder is refused by ``fstat``, never read).
     """
     p = Path(raw)
     if not p.is_absolute():
@@ -25,5 +26,9 @@ def checked_path(raw: str, roots: tuple[Path, ...]) -> Path:
     except (OSError, RuntimeError) as e:  # symlink loops
         raise ImageError(f"cannot resolve path: {e}", ErrorKind.REFUSED) from None
     if not any(real.is_relative_to(root) for root in roots):
-        raise ImageError("path is outside the allowed roots (MNISTQ_ALLOWED_ROOTS)", ErrorKind.REFUSED)
+        named = ", ".join(str(root) for root in roots) or "none"
+        raise ImageError(
+            f"path is outside the allowed roots ({named}); set MNISTQ_ALLOWED_ROOTS on the worker",
+            ErrorKind.REFUSED,
+        )
     return real

@@ -8,6 +8,8 @@ process with a fake batcher: no Redis, no worker process.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import threading
 import time
@@ -36,6 +38,41 @@ class Predictor(Protocol):
     def version(self) -> str: ...
 
     def predict(self, images: np.ndarray) -> Prediction: ...
+
+
+_M_ARENA_MAX = -8  # mallopt's parameter number (malloc.h)
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    # glibc only: elsewhere the allocator is left as it is.
+    return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+
+
+class HeapTrimmer:
+    """Hands memory freed by big decodes back to the OS after each task.
+
+    A big PNG or TIFF is decoded whole (in Pillow's 16 MB blocks) in a task thread, and glibc
+    keeps such freed blocks in that thread's own arena: after 8 of them a worker's RSS stayed
+    ~0.6 GB above its baseline (577 -> 1145 MB), and ``malloc_trim`` alone got back only part
+    of it from the per-thread arenas. Two arenas (not 8 per core) and a trim after each task
+    (~0.01 ms when there is nothing to give back) brought it back to the baseline.
+    """
+
+    def __init__(self) -> None:
+        self._libc = _libc()
+
+    def limit_arenas(self, arenas: int = 2) -> None:
+        """Call before the task threads start: arenas that exist already stay."""
+        if self._libc is not None:
+            self._libc.mallopt(_M_ARENA_MAX, arenas)
+
+    def trim(self) -> None:
+        if self._libc is not None:
+            self._libc.malloc_trim(0)
 
 
 class Throughput:
@@ -77,6 +114,7 @@ class Runtime:
     start_version: str | None = None
     queue_depth: Callable[[], int | None] = field(default=lambda: None, repr=False)
     stats: Throughput = field(init=False, repr=False)
+    heap: HeapTrimmer = field(default_factory=HeapTrimmer, repr=False)
 
     def __post_init__(self) -> None:
         self.stats = Throughput(self.settings.stats_interval)

@@ -1,0 +1,58 @@
+"""Pushing a task's reply onto its reply list, riding out a Redis that restarts meanwhile."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from worker import outage
+
+log = logging.getLogger("mnistq.worker")
+
+#: how long a task thread keeps trying to deliver a reply while the results Redis is away:
+#: longer than a Redis restart takes; after that the producer's resend covers the loss
+REPLY_RETRY_S = 120.0
+
+_RETRY_ON = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+
+def push_reply(
+    client: Any,
+    key: str,
+    message: str,
+    expires: int,
+    retry_for: float = REPLY_RETRY_S,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> bool:
+    """RPUSH ``message`` onto ``key`` (and renew its expiry); False if it could not be delivered.
+
+    Connection failures are retried for ``retry_for`` seconds and reported to the results
+    Redis's outage (one warning, not a traceback per task); other errors propagate.
+    """
+    watch = outage.results()
+    deadline = clock() + retry_for
+    delay = 0.25
+    while True:
+        started = watch.clock()
+        try:
+            client.pipeline().rpush(key, message).expire(key, expires).execute()
+        except _RETRY_ON as e:
+            watch.failed(e, started)
+            if clock() + delay > deadline:
+                log.warning(
+                    "reply to %s dropped: the results Redis was unreachable for %.0f s "
+                    "(the producer sends lost work again)",
+                    key,
+                    retry_for,
+                )
+                return False
+            sleep(delay)
+            delay = min(delay * 2, 5.0)
+        else:
+            watch.back(started)
+            return True
