@@ -10,6 +10,8 @@ from mnistq.errors import MnistqError
 from mnistq.protocol import ExitCode
 from mnistq.settings import Settings
 
+log = logging.getLogger("mnistq")
+
 
 def _train(argv: list[str]) -> int:
     from trainer.train import main
@@ -47,6 +49,12 @@ def _run(argv: list[str]) -> int:
     return run_main(argv)
 
 
+def _report(argv: list[str]) -> int:
+    from producer.report import main
+
+    return main(argv)
+
+
 def _producer(name: str) -> Callable[[list[str]], int]:
     def run(argv: list[str]) -> int:
         from producer import cli
@@ -65,6 +73,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (_train, "train the CNN on MNIST and write model_state.pt"),
     "evaluate": (_evaluate, "test accuracy of a model file"),
     "predict": (_predict, "classify images in this process, no queue"),
+    "report": (_report, "one HTML page of a results CSV: digits, confidence, throughput, errors"),
 }
 
 
@@ -98,6 +107,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.exit_code)
     except KeyboardInterrupt:
         return int(ExitCode.INTERRUPTED)
+    except Exception as e:  # a bug or an unforeseen failure: one line; the traceback on request
+        log.debug("mnistq %s failed", name, exc_info=True)
+        hint = "" if log.isEnabledFor(logging.DEBUG) else " (run with MNISTQ_LOG_LEVEL=DEBUG for details)"
+        text = next(iter(str(e).strip().splitlines()), "")  # one line, whatever the exception says
+        print(f"mnistq {name}: unexpected error: {type(e).__name__}: {text}{hint}", file=sys.stderr)
+        return int(ExitCode.UNEXPECTED)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,11 @@ def run_parser(settings: Settings) -> argparse.ArgumentParser:
     p.add_argument(
         "--worker-loglevel", default="WARNING", type=str.upper, choices=LEVELS, help="default: %(default)s"
     )
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="when the run ends, write report.html beside the CSV (see `mnistq report`)",
+    )
     return p  # a mistake is one line and exit 2, as for every option of watch_parser's
 
 
@@ -241,4 +246,9 @@ def run_main(argv: list[str]) -> int:
         args = run_parser(settings).parse_args(argv)
         # The workers may open files under the inbox given here, not only the configured one.
         settings = settings.with_(inbox=args.inbox, csv=args.csv)
-        return _Run(args, settings, signals).main()
+        code = _Run(args, settings, signals).main()
+    if args.report and code != ExitCode.INTERRUPTED:
+        from producer.report import write_report
+
+        print(f"report: {write_report(Path(args.csv))}", file=sys.stderr)
+    return code

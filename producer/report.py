@@ -1,0 +1,353 @@
+"""`mnistq report results.csv [--out report.html]`: a run at a glance, as one HTML file.
+
+The page is self-contained (no network: plots are inline SVG, thumbnails are data: URIs), so it
+can be mailed or opened from a share. The CSV is read once, row by row, into bounded tallies
+(counts, a histogram, finish times per ms, made coarser past 10,000 of them, at most 48 tiles
+per group), so a 60,000-row file costs little memory. Columns an older CSV lacks
+(``error_kind``, ``moved_to``) and the ``review`` column that later versions add are optional.
+matplotlib is imported here only: the watcher and the workers never load it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import csv
+import heapq
+import html
+import io
+import math
+import os
+import re
+import stat
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from mnistq.errors import ConfigError
+from producer.csvsink import _uncell, unescaped
+
+TILES = 48  # the contact sheet's cap, all groups together
+THUMB = 64  # px, the longer side of a thumbnail
+_FOLDERS = ("done", "review", "failed")  # beside the CSV, where files are put once their row is written
+_MAX_PIXELS = 40_000_000  # bigger images get a tile that says so rather than a slow decode
+_MAX_TICKS = 10_000  # distinct finish times kept; more, and they are counted 10 times coarser
+_WIDTHS_MS = (100, 200, 500, 1000, 2000, 5000, 10_000, 30_000, 60_000, 300_000, 600_000)
+_NOT_REVIEW = {"", "0", "false", "no"}
+
+
+@dataclass(order=True)
+class Tile:
+    sort: float  # -confidence for the least-confident heap (a max-heap on heapq)
+    n: int  # the row's number (negated in the heap): ties keep the CSV's order
+    path: str = field(compare=False)
+    moved: str = field(compare=False)
+    caption: str = field(compare=False)
+    folder: str = field(compare=False)  # where a file of this kind would be put
+    detail: str = field(compare=False, default="")  # the error's text: a tooltip, not the caption
+
+
+@dataclass
+class Tally:
+    rows: int = 0
+    digits: list[int] = field(default_factory=lambda: [0] * 10)
+    conf: list[int] = field(default_factory=lambda: [0] * 20)  # bins of 0.05
+    ticks: Counter[int] = field(default_factory=Counter)  # rows per `tick` ms of finished_at
+    tick: int = 1  # ms, x10 whenever there are more than _MAX_TICKS
+    errors: Counter[str] = field(default_factory=Counter)
+    examples: dict[str, Counter[str]] = field(default_factory=dict)
+    versions: Counter[str] = field(default_factory=Counter)
+    review: int = 0
+    least: list[Tile] = field(default_factory=list)
+    groups: dict[str, list[Tile]] = field(default_factory=lambda: {"Review": [], "Failed": []})
+
+
+def _cause(text: str) -> str:
+    """An error text with its details (after ': ') and numbers dropped: older CSVs group by this."""
+    return re.sub(r"\d+", "N", text.split(": ", 1)[0]).strip()[:80] or "unknown"
+
+
+def read(csv_path: Path) -> tuple[Tally, tuple[str, ...]]:
+    """One pass over the CSV; ConfigError when it is missing or not a results file."""
+    t = Tally()
+    try:
+        f = open(csv_path, encoding="utf-8-sig", errors="replace", newline="")  # noqa: SIM115
+    except OSError as e:
+        raise ConfigError(f"cannot read {csv_path}: {e.strerror or e}") from None
+    with f:
+        rows = csv.DictReader(f)
+        try:
+            header = tuple(rows.fieldnames or ())
+            if "path" not in header:
+                raise ConfigError(f"{csv_path} is not a mnist-queue results CSV (its header has no 'path')")
+            for n, row in enumerate(rows):
+                _add(t, n, {k: _uncell(v or "") for k, v in row.items() if isinstance(k, str)})
+        except (csv.Error, UnicodeError) as e:
+            raise ConfigError(f"{csv_path} is not a CSV (line {rows.line_num}: {e})") from None
+    return t, header
+
+
+def _add(t: Tally, n: int, row: dict[str, str]) -> None:
+    t.rows += 1
+    path, moved, error, kind = row.get("path", ""), row.get("moved_to", ""), row.get("error", ""), ""
+    if ts := row.get("finished_at"):
+        with contextlib.suppress(ValueError, OverflowError, OSError):  # a hand-edited cell
+            t.ticks[int(datetime.fromisoformat(ts).timestamp() * 1000) // t.tick] += 1
+        if len(t.ticks) > _MAX_TICKS:  # a long watch: memory stays bounded, the plot loses nothing
+            t.tick, ticks, t.ticks = t.tick * 10, t.ticks, Counter()
+            for k, v in ticks.items():
+                t.ticks[k // 10] += v
+    if len(t.versions) < 50 or row.get("model_version") in t.versions:
+        t.versions[row.get("model_version") or "?"] += 1
+    if error or row.get("error_kind"):
+        kind = row.get("error_kind") or _cause(error)
+        kind = kind if len(t.errors) < 100 or kind in t.errors else "other"  # bounded, whatever the texts
+        t.errors[kind] += 1
+        texts = t.examples.setdefault(kind, Counter())
+        if len(texts) < 20 or error in texts:  # a bounded sample of each cause's wording
+            texts[error] += 1
+        if len(t.groups["Failed"]) < TILES:
+            t.groups["Failed"].append(Tile(0, n, path, moved, kind, "failed", error))
+        return
+    try:
+        digit, conf = int(row.get("digit", "")), float(row.get("confidence", ""))
+    except ValueError:
+        return
+    if 0 <= digit <= 9:
+        t.digits[digit] += 1
+    if not 0 <= conf <= 1:  # also NaN
+        return
+    t.conf[min(int(conf * 20), 19)] += 1
+    caption = f"{digit} at {conf:.2f}"
+    if row.get("review", "").strip().lower() not in _NOT_REVIEW:
+        t.review += 1
+        if len(t.groups["Review"]) < TILES:
+            t.groups["Review"].append(Tile(0, n, path, moved, caption, "review"))
+    tile = Tile(-conf, -n, path, moved, caption, "done")
+    (heapq.heappush if len(t.least) < TILES else heapq.heappushpop)(t.least, tile)
+
+
+# -- plots -------------------------------------------------------------------------------------
+def _svg(fig: Any) -> str:
+    import matplotlib  # here only: see the module's docstring
+
+    buf = io.StringIO()
+    with matplotlib.rc_context({"svg.fonttype": "none"}):  # text stays text: smaller, searchable
+        fig.savefig(buf, format="svg", bbox_inches="tight")
+    text = buf.getvalue()
+    return text[text.index("<svg") :]  # inline: no XML declaration or DOCTYPE
+
+
+def _figure(height: float = 2.6) -> tuple[Any, Any]:
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+
+    fig = Figure(figsize=(8, height))
+    ax = fig.add_subplot()
+    ax.spines[["top", "right"]].set_visible(False)
+    return fig, ax
+
+
+def digits_chart(t: Tally) -> str:
+    fig, ax = _figure()
+    bars = ax.bar(range(10), t.digits, color="#3b6ea5")
+    ax.bar_label(bars, fmt="{:,.0f}", padding=2, fontsize=8)
+    ax.set_xticks(range(10))
+    ax.set(xlabel="digit", ylabel="rows")
+    return _svg(fig)
+
+
+def confidence_chart(t: Tally) -> str:
+    fig, ax = _figure()
+    ax.bar([i / 20 for i in range(20)], t.conf, width=0.05, align="edge", color="#3b6ea5", edgecolor="white")
+    nonzero = [c for c in t.conf if c]
+    if max(nonzero) > 100 * min(nonzero):  # a clean run piles up near the top: show the tail too
+        ax.set_yscale("log")
+        ax.set_ylim(bottom=0.5)  # a bin of one row still shows
+    ax.set(
+        xlim=(0, 1), xlabel="confidence", ylabel="rows" + (" (log scale)" if ax.get_yscale() == "log" else "")
+    )
+    return _svg(fig)
+
+
+def _time(t: Tally, tick: int) -> str:
+    return datetime.fromtimestamp(tick * t.tick / 1000, UTC).isoformat(timespec="milliseconds")
+
+
+def throughput_chart(t: Tally) -> tuple[str, str]:
+    first, last = min(t.ticks), max(t.ticks)
+    span = (last - first + 1) * t.tick  # ms, integers throughout: no bin edge rounds astray
+    # the smallest round bin that keeps to ~100 bins, and ~10 rows a bin on average: a rate
+    # from a bin with one row in it is noise
+    most = max(10, min(100, sum(t.ticks.values()) // 10))
+    width = next(
+        (w for w in _WIDTHS_MS if w >= t.tick and span / w <= most),
+        3_600_000 * math.ceil(span / 3_600_000 / most),
+    )
+    bins = [0] * math.ceil(span / width)
+    for tick, count in t.ticks.items():
+        bins[(tick - first) * t.tick // width] += count
+    scale, unit = next(
+        (s, u) for s, u in ((3_600_000, "h"), (60_000, "min"), (1000, "s")) if span >= 3 * s or s == 1000
+    )
+    xs = [i * width / scale for i in range(len(bins) + 1)]
+    fig, ax = _figure()
+    ax.stairs([c * 1000 / width for c in bins], xs, fill=True, color="#3b6ea5")
+    ax.set(xlabel=f"time since the first row ({unit})", ylabel="rows per second", xlim=(0, xs[-1]))
+    start = _time(t, first)
+    rate = sum(t.ticks.values()) * 1000 / span
+    return _svg(fig), f"from {start}, in bins of {width / 1000:g} s; {rate:,.1f} rows/s overall"
+
+
+# -- the contact sheet -------------------------------------------------------------------------
+def _locate(csv_dir: Path, tile: Tile) -> Path | None:
+    """Where the file is now: ``moved_to``, else its tail under done/, review/ or failed/ beside
+    the CSV (the tree was moved). With no ``moved_to`` (an older CSV, --keep): the path's tail
+    there, its own kind's folder first, else the path itself."""
+    moved, path = unescaped(tile.moved) if tile.moved else [], unescaped(tile.path) if tile.path else []
+    places = [Path(m) if os.path.isabs(m) else csv_dir / m for m in moved]
+    folders = (tile.folder, *(f for f in _FOLDERS if f != tile.folder))
+    for name in moved or path:  # a recorded place is exact: never a namesake found by the path
+        parts = Path(name).parts[1:] if os.path.isabs(name) else Path(name).parts
+        # the longest tail first: the inbox's subfolders are kept under done/ and failed/
+        places += [csv_dir / d / Path(*parts[-k:]) for d in folders for k in range(min(4, len(parts)), 0, -1)]
+    places += [] if moved else [Path(p) for p in path]
+    return next((p for p in places if os.path.lexists(p)), None)
+
+
+def thumbnail(path: Path | None) -> tuple[str | None, str]:
+    """(a data: URI, "") or (None, why there is no picture)."""
+    from PIL import Image
+
+    if path is None:
+        return None, "missing"
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode):  # a link or a FIFO is not opened: it could block or point anywhere
+            return None, "not a file"
+        with Image.open(path) as im:
+            if im.width * im.height > _MAX_PIXELS:
+                return None, "too large"
+            im.draft("L", (THUMB, THUMB))  # JPEG: decode at a reduced scale
+            small = im.convert("L")
+            small.thumbnail((THUMB, THUMB))
+            buf = io.BytesIO()
+            small.save(buf, format="PNG")
+    except Image.DecompressionBombError:  # its header claims far more pixels than _MAX_PIXELS
+        return None, "too large"
+    except Exception:  # any decoder's failure on any file: the tile says so, the report goes on
+        return None, "unreadable"
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), ""
+
+
+def _share(groups: dict[str, list[Tile]]) -> dict[str, list[Tile]]:
+    """TILES split fairly: each group gets a turn until it or the sheet runs out."""
+    take = dict.fromkeys(groups, 0)
+    while sum(take.values()) < TILES and any(take[g] < len(groups[g]) for g in groups):
+        for g in groups:
+            if take[g] < len(groups[g]) and sum(take.values()) < TILES:
+                take[g] += 1
+    return {g: groups[g][: take[g]] for g in groups if take[g]}
+
+
+def _tile(csv_dir: Path, tile: Tile) -> str:
+    uri, why = thumbnail(_locate(csv_dir, tile))
+    name = html.escape(os.path.basename(tile.path) or tile.path or "?")
+    pic = f'<img src="{uri}" alt="{name}">' if uri else f'<div class="hole">{why}</div>'
+    title = html.escape(f"{tile.path}\n{tile.detail}".strip())
+    return (
+        f'<figure class="tile{"" if uri else " missing" if why == "missing" else " nopic"}"'
+        f' title="{title}">{pic}'
+        f"<figcaption>{html.escape(tile.caption[:40])}<br><small>{name}</small></figcaption></figure>"
+    )
+
+
+# -- the page ----------------------------------------------------------------------------------
+_CSS = """body{font:14px/1.4 system-ui,sans-serif;margin:2em auto;max-width:60em;color:#222;padding:0 1em}
+h1{margin-bottom:0}h2{border-bottom:1px solid #ccc;margin-top:1.6em}svg{width:100%;height:auto}
+table{border-collapse:collapse}td,th{padding:.2em .8em;text-align:left;border-bottom:1px solid #eee}
+td.n{text-align:right}.sub{color:#666}.sheet{display:flex;flex-wrap:wrap;gap:8px}
+.tile{margin:0;width:96px;text-align:center;font-size:11px;overflow-wrap:anywhere}
+.tile img{width:64px;height:64px;object-fit:contain;background:#000;image-rendering:pixelated}
+.hole{width:64px;height:64px;margin:auto;display:flex;align-items:center;justify-content:center;
+font:bold 10px sans-serif;color:#a00;background:repeating-linear-gradient(45deg,#fdd 0 6px,#fff 6px 12px)}"""
+
+
+def render(csv_path: Path, t: Tally, header: tuple[str, ...]) -> str:
+    e, ok, errors = html.escape, sum(t.digits), sum(t.errors.values())
+    versions = ", ".join(f"{v} ({c:,})" for v, c in t.versions.most_common(5))
+    facts = {"CSV": str(csv_path), "rows": f"{t.rows:,}", "classified": f"{ok:,}", "errors": f"{errors:,}"}
+    if "review" in header:
+        facts["sent to review"] = f"{t.review:,}"
+    facts["model versions"] = versions or "none"
+    if lacking := [c for c in ("error_kind", "moved_to") if c not in header]:
+        facts["note"] = f"an older CSV without {', '.join(lacking)}: errors grouped by their text"
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    out = [
+        "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>",
+        f"<title>Run report: {e(csv_path.name)}</title><style>{_CSS}</style></head><body>",
+        f'<h1>Run report</h1><p class="sub">{e(csv_path.name)}, written {now}</p>',
+        '<h2 id="summary">Summary</h2><table>',
+        *(f"<tr><th>{k}</th><td>{e(v)}</td></tr>" for k, v in facts.items()),
+        '</table><h2 id="digits">Counts per digit</h2>',
+        digits_chart(t) if ok else "<p>No classified rows.</p>",
+        '<h2 id="confidence">Confidence</h2>',
+        confidence_chart(t) if any(t.conf) else "<p>No confidences to show.</p>",
+        '<h2 id="throughput">Throughput</h2>',
+    ]
+    # Rows are written a reply at a time: under a second, their times show batches, not a rate.
+    span = (max(t.ticks) - min(t.ticks)) * t.tick if t.ticks else 0
+    if span >= 1000:
+        svg, caption = throughput_chart(t)
+        out += [svg, f'<p class="sub">{e(caption)}</p>']
+    else:
+        first = _time(t, min(t.ticks)) if t.ticks else ""
+        when = (
+            f"All rows finished within {span} ms from {first}" if span else f"Every row finished at {first}"
+        )
+        out += [f"<p>{when if t.ticks else 'No finish times'}: no rate to plot.</p>"]
+    out += ['<h2 id="errors">Errors by cause</h2>', "<table>" if errors else "<p>No errors.</p>"]
+    if errors:
+        out += ["<tr><th>cause</th><th>rows</th><th>share</th><th>most common messages</th></tr>"]
+        for kind, n in t.errors.most_common(15):
+            texts = "<br>".join(e(x[:120]) for x, _ in t.examples[kind].most_common(3))
+            out += [f'<tr><td>{e(kind)}</td><td class="n">{n:,}</td><td class="n">{n / t.rows:.1%}</td>']
+            out += [f"<td>{texts}</td></tr>"]
+        out += ["</table>"]
+    groups = {"Least confident": sorted(t.least, reverse=True), **t.groups}
+    if "review" not in header:
+        del groups["Review"]
+    out += ['<h2 id="sheet">Contact sheet</h2>', "" if any(groups.values()) else "<p>No rows to show.</p>"]
+    for name, tiles in _share(groups).items():
+        cells = "".join(_tile(csv_path.parent, x) for x in tiles)
+        out += [f"<h3>{name} ({len(tiles)})</h3><div class=sheet>{cells}</div>"]
+    return "\n".join([*out, "</body></html>\n"])
+
+
+def write_report(csv_path: Path, out: Path | None = None) -> Path:
+    """Read ``csv_path``, write its report (default: report.html beside it), return its path."""
+    csv_path = Path(csv_path)
+    if csv_path.is_dir():
+        raise ConfigError(f"{csv_path} is a folder, not a results CSV")
+    out = Path(out) if out else csv_path.parent / "report.html"
+    page = render(csv_path, *read(csv_path))
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:  # whole or not at all: a reader never sees half a page
+        tmp.write_text(page, encoding="utf-8")
+        os.replace(tmp, out)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise ConfigError(f"cannot write the report to {out}: {e.strerror or e}") from None
+    return out
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="mnistq report", description=__doc__.split("\n\n")[0])
+    p.add_argument("csv", type=Path, help="a results CSV written by `mnistq run`/`watch`/`classify`")
+    p.add_argument("--out", type=Path, help="the HTML file to write (default: report.html beside the CSV)")
+    args = p.parse_args(argv)
+    print(write_report(args.csv, args.out))
+    return 0
