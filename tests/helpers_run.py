@@ -30,11 +30,15 @@ def read_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def wait_rows(path: Path, n: int, timeout: float = 60) -> list[dict[str, str]]:
+def wait_rows(path: Path, n: int, timeout: float = 60, settle: float = 0.0) -> list[dict[str, str]]:
+    """At least ``n`` rows; ``settle`` seconds later, so that anything extra (a duplicate) shows."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         rows = read_rows(path)
         if len(rows) >= n:
+            if settle:
+                time.sleep(settle)
+                return read_rows(path)
             return rows
         time.sleep(0.05)
     pytest.fail(f"{len(read_rows(path))} of {n} rows after {timeout}s")

@@ -97,6 +97,10 @@ class Wire:
             out.add(message["headers"]["id"])
         return out
 
+    def queued_task_ids(self) -> set[str]:
+        """Tasks waiting in the queue (kombu's Redis list; priority sub-queues are not used)."""
+        return {json.loads(raw)["headers"]["id"] for raw in self.redis.lrange(QUEUE, 0, -1)}
+
     def task_meta_keys(self) -> list[bytes]:
         return list(self.redis.scan_iter("celery-task-meta-*"))
 

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import csv
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+import helpers_run
 import pytest
 import redis
 from conftest import WorkerProc, fresh_db, write_digits
 from helpers_images import digit_image
+from helpers_run import MNISTQ, read_rows
 from PIL import Image
 
 from mnistq.protocol import ErrorKind, ExitCode, Reply, Result
@@ -25,25 +25,10 @@ from producer.csvsink import CsvSink
 from producer.watcher import Watcher, WatchOptions
 
 pytestmark = pytest.mark.timeout(180)
-MNISTQ = [sys.executable, "-c", "import sys; from mnistq.cli import main; sys.exit(main())"]
-
-
-def read_rows(path: Path) -> list[dict[str, str]]:
-    if not path.exists():
-        return []
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
 
 
 def wait_rows(path: Path, n: int, timeout: float = 60) -> list[dict[str, str]]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        rows = read_rows(path)
-        if len(rows) >= n:
-            time.sleep(0.5)  # anything extra (a duplicate) would show up now
-            return read_rows(path)
-        time.sleep(0.05)
-    pytest.fail(f"{len(read_rows(path))} of {n} rows after {timeout}s")
+    return helpers_run.wait_rows(path, n, timeout, settle=0.5)
 
 
 class Watch:
