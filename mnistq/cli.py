@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"mnistq: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
-        return 2
+        return int(ExitCode.CONFIG)
     try:
         settings = Settings.from_env()
     except MnistqError as e:  # a bad variable: one line, before anything starts

@@ -250,5 +250,8 @@ def run_main(argv: list[str]) -> int:
     if args.report and code != ExitCode.INTERRUPTED:
         from producer.report import write_report
 
-        print(f"report: {write_report(Path(args.csv))}", file=sys.stderr)
+        try:
+            print(f"report: {write_report(Path(args.csv))}", file=sys.stderr)
+        except MnistqError as e:  # the run's own outcome stays the exit code
+            print(f"mnistq run: no report: {e}", file=sys.stderr)
     return code

@@ -222,6 +222,7 @@ def _watch(args: argparse.Namespace, redis_url: str, settings: Settings, stop: t
         keep=args.keep,
         drain=args.drain,
         message_size=settings.message_size,
+        resend_s=settings.resend_after_s,
     )
     print(f"inbox:   {inbox}\nresults: {csv}", file=sys.stderr)
     sink = _open_sink(csv)  # a file it refuses stops the command here, before any work

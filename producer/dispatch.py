@@ -262,6 +262,17 @@ class Dispatcher:
     def on_reply(self, reply: Reply) -> None:
         with self._lock:
             task = self._tasks.pop(reply.task_id, None)
+        try:
+            self._answer(reply, task)
+        except Exception:
+            if task is not None:  # no longer in flight: the inbox keeps them, a rescan finds them
+                with self._lock:
+                    for _, fid in task.files:
+                        self._land(fid)
+            raise
+        self._report()
+
+    def _answer(self, reply: Reply, task: _Task | None) -> None:
         answers: list[Answer] = []
         if task is None:
             # A task sent again meanwhile, or a redelivered task's second answer: take what is
@@ -285,7 +296,6 @@ class Dispatcher:
                 answers.append(Answer(path, fid, flight.ident if flight else None, r))
         if answers:
             self._landed(self.finisher.submit(answers))
-        self._report()
 
     @staticmethod
     def _misfiled(task_id: str, path: str, fid: str, got: Result) -> Result:

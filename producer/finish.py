@@ -103,6 +103,8 @@ class Finisher:
 
     def retry(self) -> list[Landed]:
         """While paused, every ``retry_s``: try the waiting messages again."""
+        if self._paused_at is None:  # the loop asks every turn: no lock while nothing waits
+            return []
         with self._lock:
             if not self.paused or self.clock() < self._retry_at:
                 return []
@@ -174,6 +176,9 @@ class Finisher:
         except OSError as e:
             self._undo(placed)
             raise _Blocked(f"cannot write {self.sink.path}: {e.strerror or e}") from None
+        except Exception:  # a bug: no link stays in done/ without its row (a crash's links are reused)
+            self._undo(placed)
+            raise
         # Only now, with their rows written, do the inbox entries go.
         gone: dict[str, bool] = {}
         for a, st, dest, _ in placed:

@@ -128,6 +128,8 @@ class Intake:
 
     def put_back(self, paths: Sequence[str]) -> None:
         """Paths taken from ``tick`` that were not sent (or must be sent again): first in line."""
+        if not paths:
+            return
         back = [p for p in paths if p not in self._ready and not self.busy(p)]
         room = max(0, self.cap - len(self._ready))
         if len(back) > room:
@@ -142,6 +144,8 @@ class Intake:
     def tick(self, now: float, *, limit: int | None = None, stat: Stat = _lstat) -> list[str]:
         """Settle the candidates, then take up to ``limit`` ready paths, oldest first."""
         for path, (since, key) in list(self._fresh.items()):
+            if key is not None and now - since < self.settle_s:
+                continue  # a look before settle_s has passed could not make it ready anyway
             try:
                 st = stat(path)
             except OSError:

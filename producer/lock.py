@@ -57,9 +57,12 @@ class PathLock:
             os.close(fd)
         else:
             raise ConfigError(f"cannot lock {self.path}: it keeps being replaced")
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
+        # The PID only tells a second producer who holds the lock; the flock is the lock, so a
+        # full disk here is no reason to refuse the start.
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
 
     def release(self) -> None:
         if self._fd is None:

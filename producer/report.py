@@ -28,12 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from mnistq.errors import ConfigError
+from mnistq.settings import Settings
 from producer.csvsink import _uncell, unescaped
 
 TILES = 48  # the contact sheet's cap, all groups together
 THUMB = 64  # px, the longer side of a thumbnail
 _FOLDERS = ("done", "review", "failed")  # beside the CSV, where files are put once their row is written
-_MAX_PIXELS = 40_000_000  # bigger images get a tile that says so rather than a slow decode
+_MAX_PIXELS = Settings.max_pixels  # bigger images get a tile that says so rather than a slow decode
 _MAX_TICKS = 10_000  # distinct finish times kept; more, and they are counted 10 times coarser
 _WIDTHS_MS = (100, 200, 500, 1000, 2000, 5000, 10_000, 30_000, 60_000, 300_000, 600_000)
 _NOT_REVIEW = {"", "0", "false", "no"}
@@ -221,13 +222,15 @@ def thumbnail(path: Path | None) -> tuple[str | None, str]:
     """(a data: URI, "") or (None, why there is no picture)."""
     from PIL import Image
 
+    from mnistq.images import FORMATS
+
     if path is None:
         return None, "missing"
     try:
         st = os.lstat(path)
         if not stat.S_ISREG(st.st_mode):  # a link or a FIFO is not opened: it could block or point anywhere
             return None, "not a file"
-        with Image.open(path) as im:
+        with Image.open(path, formats=FORMATS) as im:  # never Ghostscript for an "eps.png"
             if im.width * im.height > _MAX_PIXELS:
                 return None, "too large"
             im.draft("L", (THUMB, THUMB))  # JPEG: decode at a reduced scale
@@ -345,7 +348,9 @@ def write_report(csv_path: Path, out: Path | None = None) -> Path:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="mnistq report", description=__doc__.split("\n\n")[0])
+    from producer.cli import one_line_errors
+
+    p = one_line_errors(argparse.ArgumentParser(prog="mnistq report", description=__doc__.split("\n\n")[0]))
     p.add_argument("csv", type=Path, help="a results CSV written by `mnistq run`/`watch`/`classify`")
     p.add_argument("--out", type=Path, help="the HTML file to write (default: report.html beside the CSV)")
     args = p.parse_args(argv)

@@ -24,6 +24,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
+from mnistq.errors import ConfigError
 from mnistq.protocol import Reply
 from producer.broker import BrokerUnavailable, Outage
 from producer.csvsink import CsvSink
@@ -168,16 +169,22 @@ class Watcher:
         """Watch until ``stop`` is set (or, with drain, until the inbox is done); finish the rows
         in hand for up to ``grace_s``. Returns the counts; ``abandoned`` > 0 if it gave up on some."""
         self.inbox.mkdir(parents=True, exist_ok=True)
+        observer: BaseObserver | None = None
+        if not self.opts.drain:  # before the collector starts: nothing to undo if this fails
+            observer = _observer(self.opts.polling)
+            observer.schedule(self.hints, str(self.inbox), recursive=True)
+            try:
+                observer.start()
+            except OSError as e:  # inotify's limits (ENOSPC: max_user_watches, EMFILE: instances)
+                raise ConfigError(
+                    f"cannot watch {self.inbox} for events: {e.strerror}; raise "
+                    "fs.inotify.max_user_watches / max_user_instances, or use --polling"
+                ) from None
         finished = threading.Event()  # tells the collector that no more results are expected
         collector = threading.Thread(
             target=self._collect, args=(finished,), name="mnistq-results", daemon=True
         )
         collector.start()
-        observer: BaseObserver | None = None
-        if not self.opts.drain:
-            observer = _observer(self.opts.polling)
-            observer.schedule(self.hints, str(self.inbox), recursive=True)
-            observer.start()
         self._broker_ok(time.monotonic())  # a broker that is down at start: one warning, now
         mode = "polling" if self.opts.polling else "events"
         log.info("watching %s (%s)%s", self.inbox, mode, ", drain" if self.opts.drain else "")
