@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFilter, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 from mnistq.errors import ImageError
 from mnistq.protocol import EXTENSIONS, ErrorKind
@@ -42,6 +42,9 @@ MIN_SIDE = 512
 
 # We enforce our own limit before decoding; Pillow's warning would only add noise.
 Image.MAX_IMAGE_PIXELS = None
+# Pillow's warnings about odd files (a malformed MPO, palette transparency) say nothing the
+# result does not. Set once: catch_warnings() per image is not thread-safe (task threads).
+warnings.filterwarnings("ignore", module=r"PIL\.")
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: a FIFO opens at once instead of waiting for a writer (and is then refused).
@@ -145,7 +148,7 @@ def shrink(im: Image.Image) -> Image.Image:
     if factor == 1:
         return im
     w, h = im.size
-    if im.format == "JPEG":
+    if isinstance(im, JpegImagePlugin.JpegImageFile):  # MPO (phone photos) is a JPEG too
         im.draft("L" if im.mode in ("L", "RGB") else im.mode, (-(-w // factor), -(-h // factor)))
         return im
     if im.mode in ("1", "P", "PA") or im.mode.startswith("I;16"):
@@ -161,9 +164,7 @@ def shrink(im: Image.Image) -> Image.Image:
 
 def to_gray(im: Image.Image) -> np.ndarray:
     """Any mode to float32 luminance in [0, 1]; transparent areas become contrasting paper."""
-    if getattr(im, "n_frames", 1) > 1:
-        im.seek(0)
-    im = shrink(im)
+    im = shrink(im)  # a file just opened is at its first frame: n_frames would walk them all
     ImageOps.exif_transpose(im, in_place=True)  # in place: no copy of a big image
     mode = im.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
@@ -249,8 +250,7 @@ def load_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXEL
     with open_regular(path) as fp:
         im = open_image(fp, max_pixels)
         try:
-            with im, warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+            with im:
                 gray = to_gray(im)
         except ImageError:
             raise

@@ -95,6 +95,10 @@ def load_checkpoint(path: Path | str) -> Checkpoint:
     state, meta = ckpt["model"], dict(ckpt["meta"])
     if meta.get("arch") != ARCH:
         raise ModelError(f"{path}: architecture {meta.get('arch')!r}, expected {ARCH!r}")
+    try:  # every user of the model normalises with these: a file without them is unusable
+        float(meta["mean"]), float(meta["std"])
+    except (KeyError, TypeError, ValueError):
+        raise ModelError(f"{path}: no usable normalisation constants (meta 'mean' and 'std')") from None
     model = Net()
     try:
         model.load_state_dict(state)

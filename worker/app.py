@@ -100,8 +100,13 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
     processes = int(getattr(sender, "concurrency", None) or 1)
     if "prefork" in pool:
         # Check the checkpoint once here, so a bad file fails the start, not every child.
+        import torch
+
         from trainer.model import load_checkpoint
 
+        # One thread: loading runs torch ops, and an OpenMP pool started here would be inherited
+        # by every child in a state that hangs a child running 2+ threads at its first use.
+        torch.set_num_threads(1)
         try:
             version = load_checkpoint(s.model).version
         except MnistqError as e:

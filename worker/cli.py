@@ -28,8 +28,8 @@ def main(argv: list[str]) -> int:
     from worker.app import app
 
     args = ["worker", "--queues", QUEUE, "--loglevel", settings.log_level.upper(), *argv]
-    app.worker_main(args)
-    return 0
+    # worker_main() drops the code Celery's start() returns (1 after an unrecoverable error).
+    return int(app.start(args) or 0)
 
 
 def require_broker(url: str, timeout: float = BROKER_TIMEOUT_S) -> None:

@@ -67,9 +67,10 @@ class Engine:
         self.infer(np.zeros((8, 28, 28), dtype=np.float32))
 
     def _install(self, ckpt: Checkpoint) -> None:
-        model = prepare(ckpt.model, self.device)  # may fail: nothing is replaced until it has not
-        self.model, self.version = model, ckpt.version
-        self.mean, self.std = float(ckpt.meta["mean"]), float(ckpt.meta["std"])
+        # Everything that may fail first: nothing is replaced until all of it has not.
+        mean, std = float(ckpt.meta["mean"]), float(ckpt.meta["std"])
+        model = prepare(ckpt.model, self.device)
+        self.model, self.version, self.mean, self.std = model, ckpt.version, mean, std
         log.info(
             "model %s version %s on %s %s, %d threads",
             self.path,

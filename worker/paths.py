@@ -23,7 +23,7 @@ def checked_path(raw: str, roots: tuple[Path, ...]) -> Path:
         raise ImageError("path must not contain '..'", ErrorKind.REFUSED)
     try:
         real = p.resolve(strict=False)
-    except (OSError, RuntimeError) as e:  # symlink loops
+    except (OSError, RuntimeError, ValueError) as e:  # symlink loops; ValueError: a NUL byte
         raise ImageError(f"cannot resolve path: {e}", ErrorKind.REFUSED) from None
     if not any(real.is_relative_to(root) for root in roots):
         named = ", ".join(str(root) for root in roots) or "none"

@@ -14,8 +14,9 @@ from worker import outage
 log = logging.getLogger("mnistq.worker")
 
 #: how long a task thread keeps trying to deliver a reply while the results Redis is away:
-#: longer than a Redis restart takes; after that the producer's resend covers the loss
-REPLY_RETRY_S = 120.0
+#: longer than a Redis restart takes, shorter than the visibility timeout (past it the message is
+#: delivered again elsewhere while this thread still holds it); after that the producer resends
+REPLY_RETRY_S = 20.0
 
 _RETRY_ON = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
