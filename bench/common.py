@@ -60,3 +60,12 @@ def table(rows: list[list[object]], header: list[str]) -> str:
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def rows(csv_path: Path) -> int:
+    """Rows in a results CSV (header excluded), counted cheaply."""
+    try:
+        with open(csv_path, "rb") as f:
+            return max(0, f.read().count(b"\r\n") - 1)
+    except FileNotFoundError:
+        return 0

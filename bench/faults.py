@@ -57,6 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common import DATA, REPO, export_pngs, label_of, table
+from common import rows as lines
 
 from mnistq.embedded import EmbeddedRedis, die_with_parent
 from mnistq.supervisor import worker_command
@@ -148,15 +149,6 @@ def wait_for(what: Callable[[], bool], timeout: float, why: str) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"{why} after {timeout:.0f} s")
         time.sleep(0.05)
-
-
-def lines(csv_path: Path) -> int:
-    """Rows in the CSV (header excluded), counted cheaply."""
-    try:
-        with open(csv_path, "rb") as f:
-            return max(0, f.read().count(b"\r\n") - 1)
-    except FileNotFoundError:
-        return 0
 
 
 def distinct(csv_path: Path, names: set[str]) -> int:

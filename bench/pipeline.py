@@ -22,15 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import DATA, export_pngs, in_process, label_of, table
-
-
-def rows(csv_path: Path) -> int:
-    try:
-        with open(csv_path, "rb") as f:
-            return max(0, f.read().count(b"\r\n") - 1)
-    except FileNotFoundError:
-        return 0
+from common import DATA, export_pngs, in_process, label_of, rows, table
 
 
 class Run:

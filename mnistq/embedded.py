@@ -58,7 +58,6 @@ class EmbeddedRedis:
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.start_timeout = start_timeout
         self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
         try:
             self.start()
         except BaseException:
@@ -76,7 +75,6 @@ class EmbeddedRedis:
         self.proc = subprocess.Popen(
             cmd, preexec_fn=die_with_parent, start_new_session=True, stdin=subprocess.DEVNULL
         )
-        self.starts += 1
         client = redis.Redis.from_url(self.url, socket_connect_timeout=1)
         deadline = time.monotonic() + self.start_timeout
         try:

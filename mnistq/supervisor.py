@@ -164,11 +164,6 @@ class Supervisor:
             log.warning("worker %s exited with %s; restarting it in %.0fs", w.short, code, delay)
             w.restart_at = now + delay
 
-    def pids(self) -> list[int]:
-        """The live children's process ids (each is its own process group's leader)."""
-        procs = [w.proc for w in self.workers] + [self.redis.proc if self.redis else None]
-        return [p.pid for p in procs if p is not None and p.poll() is None]
-
     def stop(self, abort: Callable[[], bool] = lambda: False) -> None:
         """Workers first (warm shutdown, SIGKILL after the grace), then the embedded Redis.
 

@@ -23,10 +23,6 @@ class PathLock:
         self.path, self.what = path, what
         self._fd: int | None = None
 
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
     def acquire(self) -> None:
         """Take the lock, or raise ConfigError naming the PID that holds it."""
         if self._fd is not None:
