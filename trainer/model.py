@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
 import tempfile
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,20 +38,77 @@ class Net(nn.Sequential):
         )
 
 
-def weights_version(state: dict[str, torch.Tensor]) -> str:
-    """Short content hash of the weights: the model's version on every result."""
+@dataclass(frozen=True)
+class Calibration:
+    """How a model's logits become the served confidence and the review decision.
+
+    Fitted by ``mnistq train`` on held-out training digits and stored in the checkpoint's
+    ``meta["calibration"]``; part of the model's version (a new temperature or threshold is a new
+    version). A checkpoint without it is served at temperature 1 with no recommendation.
+
+    - ``temperature``: confidence and probabilities are ``softmax(logits / temperature)``;
+    - ``review_below``: the recommended P: a calibrated confidence under it sends a file to review;
+    - ``digit_score_below``: an image whose digit score (``digit_score``) is under it is judged
+      not a digit (None: no such judgement).
+    """
+
+    temperature: float = 1.0
+    review_below: float | None = None
+    digit_score_below: float | None = None
+    fitted: bool = False
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> Calibration:
+        raw = meta.get("calibration")
+        if not isinstance(raw, dict):
+            return cls()
+
+        def num(key: str) -> float | None:
+            v = raw.get(key)
+            return None if v is None else float(v)
+
+        t = num("temperature") or 1.0
+        if not (math.isfinite(t) and t > 0):
+            raise ModelError(f"calibration temperature must be a positive number, not {t!r}")
+        return cls(t, num("review_below"), num("digit_score_below"), fitted=True)
+
+    def to_meta(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "fitted"}
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Calibrated class probabilities, [N, 10] (float32)."""
+        return torch.softmax(logits.float() / self.temperature, dim=1)
+
+    def digit_score(self, logits: torch.Tensor) -> torch.Tensor:
+        """How much the image looks like any digit: ``T * logsumexp(logits / T)`` (the negative
+        free energy). Higher is more digit-like; [N] float32."""
+        t = self.temperature
+        return t * torch.logsumexp(logits.float() / t, dim=1)
+
+    def not_digit(self, logits: torch.Tensor) -> torch.Tensor:
+        """[N] bool: judged not a digit (all False without a stored threshold)."""
+        if self.digit_score_below is None:
+            return torch.zeros(len(logits), dtype=torch.bool)
+        return self.digit_score(logits) < self.digit_score_below
+
+
+def weights_version(state: dict[str, torch.Tensor], calibration: Calibration | None = None) -> str:
+    """Short content hash of the weights and their calibration: the model's version on every
+    result. An uncalibrated checkpoint hashes its weights alone, as before calibration existed."""
     h = hashlib.sha256()
     for name in sorted(state):
         t = state[name].detach().to("cpu", torch.float32).contiguous()
         h.update(name.encode())
         h.update(t.numpy().tobytes())
+    if calibration is not None and calibration.fitted:
+        h.update(json.dumps(calibration.to_meta(), sort_keys=True).encode())
     return h.hexdigest()[:12]
 
 
 def save_checkpoint(path: Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> str:
     """Write atomically (temp file in the same folder + rename): readers never see half a file."""
     state = {k: v.detach().to("cpu").clone() for k, v in state.items()}
-    version = weights_version(state)
+    version = weights_version(state, Calibration.from_meta(meta))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -74,6 +133,7 @@ class Checkpoint:
     meta: dict[str, Any]
     version: str
     path: Path
+    calibration: Calibration
 
 
 def load_checkpoint(path: Path | str) -> Checkpoint:
@@ -106,10 +166,11 @@ def load_checkpoint(path: Path | str) -> Checkpoint:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ModelError(f"{path}: weights do not fit the model: {reason[:120]}") from None
     model.eval()
-    version = weights_version(model.state_dict())
+    calibration = Calibration.from_meta(meta)
+    version = weights_version(model.state_dict(), calibration)
     if meta.get("version") not in (None, version):
         raise ModelError(f"{path}: weights do not match their recorded version (corrupt file?)")
-    return Checkpoint(model=model, meta=meta, version=version, path=path)
+    return Checkpoint(model=model, meta=meta, version=version, path=path, calibration=calibration)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -178,7 +239,7 @@ def inference_chunk(device: torch.device, precision: str) -> int:
 
 
 @torch.inference_mode()
-def predict_probs(
+def predict_logits(
     model: nn.Module,
     x: torch.Tensor,
     mean: float,
@@ -187,9 +248,8 @@ def predict_probs(
     precision: str,
     batch: int | None = None,
 ) -> torch.Tensor:
-    """Class probabilities [N, 10] for images in [0, 1] (float) or 0..255 (uint8), [N, 1, 28, 28].
-
-    Runs in chunks of ``batch`` images, by default the device's ``inference_chunk``.
+    """Logits [N, 10] (float32, on the CPU) for images in [0, 1] (float) or 0..255 (uint8),
+    [N, 1, 28, 28]. Runs in chunks of ``batch`` images, by default the device's ``inference_chunk``.
     """
     batch = batch or inference_chunk(device, precision)
     out = []
@@ -199,5 +259,21 @@ def predict_probs(
         xb = ((xb - mean) / std).contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
             logits = model(xb)
-        out.append(torch.softmax(logits.float(), dim=1).cpu())
+        out.append(logits.float().cpu())
     return torch.cat(out) if out else torch.empty(0, 10)
+
+
+def predict_probs(
+    model: nn.Module,
+    x: torch.Tensor,
+    mean: float,
+    std: float,
+    device: torch.device,
+    precision: str,
+    batch: int | None = None,
+    calibration: Calibration | None = None,
+) -> torch.Tensor:
+    """Class probabilities [N, 10]: ``predict_logits`` through the calibration (temperature 1
+    when none is given)."""
+    logits = predict_logits(model, x, mean, std, device, precision, batch)
+    return (calibration or Calibration()).probs(logits)
