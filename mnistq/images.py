@@ -1,33 +1,39 @@
-"""Turn any digit image into an MNIST-style 28x28 array (torch-free: the producer may import it).
+"""Turn any digit image file into an MNIST-style 28x28 array (torch-free: the producer may import it).
 
-MNIST itself was made this way: ink bright on black, the digit's bounding box scaled to fit
-20x20 keeping its aspect, then placed in 28x28 by its centre of mass. Real images also need
-their mode flattened (alpha, palette, CMYK, 16-bit), polarity decided by the border, and the
-background and sensor noise removed before the bounding box means anything.
+Here a file is opened and decoded to luminance, its mode flattened (alpha, palette, CMYK,
+16-bit); mnistq/normalise.py then makes the MNIST-style array. A file is opened once, without
+following symbolic links, and what was opened is checked (``fstat``: a regular, non-empty file)
+and decoded: nothing swapped in after a caller's check is read. Only the formats of EXTENSIONS
+are decoded, and big images are decoded small (MIN_SIDE).
 
-A file is opened once, without following symbolic links, and what was opened is checked
-(``fstat``: a regular, non-empty file) and decoded: nothing swapped in after a caller's check is
-read. Only the formats of EXTENSIONS are decoded, and big images are decoded small (MIN_SIDE).
+``load_image`` reads one file; ``load_images`` reads a batch and normalises its small 8-bit
+images of one size together (``normalise_many``). mnistq/images_reference.py keeps the
+definition both are held to (tests/test_images_fast.py).
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import io
 import os
+import platform
 import stat
+import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, ImageFilter, ImageOps, JpegImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 from mnistq.errors import ImageError
+from mnistq.normalise import SMALL, normalise, normalise_many
 from mnistq.protocol import EXTENSIONS, ErrorKind
 from mnistq.settings import Settings
 
-__all__ = ["EXTENSIONS", "FORMATS", "load_image", "normalise"]
+__all__ = ["EXTENSIONS", "FORMATS", "load_image", "load_images", "normalise"]
 DEFAULT_MAX_PIXELS = Settings.max_pixels
 
 #: Pillow's names for the formats of EXTENSIONS (.pgm and .pbm are PPM): nothing else is
@@ -39,6 +45,9 @@ FORMATS = ("BMP", "GIF", "JPEG", "PNG", "PPM", "TIFF", "WEBP")
 #: their short side, never fewer: a digit a tenth of the frame tall keeps ~50 pixels, more than
 #: the 20 it is scaled to, while a 36-megapixel photo costs about what a 1-megapixel one does.
 MIN_SIDE = 512
+
+#: Files up to this size are read whole into memory before decoding (one read call).
+IN_MEMORY = 1 << 20
 
 # We enforce our own limit before decoding; Pillow's warning would only add noise.
 Image.MAX_IMAGE_PIXELS = None
@@ -61,12 +70,35 @@ def _refusal(e: OSError, last: bool, link: bool = False) -> ImageError:
 
 
 def _open_no_follow(path: str) -> int:
-    """A descriptor for ``path``, opened one component at a time with O_NOFOLLOW.
+    """A descriptor for ``path``, opened with no symbolic link followed on the way or at the end.
 
     So no component can be a symbolic link when it is opened, whatever it was when the caller
-    checked the path: a link swapped in afterwards is refused, never followed.
+    checked the path: a link swapped in afterwards is refused, never followed. Where the kernel
+    has openat2 the folder is found in one call that refuses any link on its path
+    (RESOLVE_NO_SYMLINKS), and the file is opened in it with O_NOFOLLOW; elsewhere, and for
+    anything openat2 does not answer plainly, one component at a time (_walk).
     """
-    parts = os.path.abspath(path).split(os.sep)[1:]
+    full = os.path.abspath(path)
+    if _open_folder is None or "\0" in full:  # a NUL: the walk's os.open says so, as it always has
+        return _walk(full)
+    folder, _, name = full.rpartition(os.sep)
+    try:
+        dir_fd = _open_folder(os.fsencode(folder or os.sep))
+    except OSError as e:
+        if e.errno not in _PLAIN_ERRORS:
+            return _walk(full)
+        raise _refusal(e, last=False) from None
+    try:
+        return os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
+    except OSError as e:
+        raise _refusal(e, last=True) from None
+    finally:
+        os.close(dir_fd)
+
+
+def _walk(full: str) -> int:
+    """``full`` opened one component at a time, each with O_NOFOLLOW (see _open_no_follow)."""
+    parts = full.split(os.sep)[1:]
     fd = os.open(os.sep, _DIR_FLAGS)
     try:
         for i, name in enumerate(parts):
@@ -85,6 +117,51 @@ def _open_no_follow(path: str) -> int:
         raise
 
 
+# openat2(2) (Linux 5.6): the same system call number on the architectures named here.
+_SYS_OPENAT2 = {"x86_64": 437, "aarch64": 437}
+_AT_FDCWD = -100
+_RESOLVE_NO_SYMLINKS = 0x04
+# O_PATH: the folder is only a place to open the file in, so it needs no read permission.
+_FOLDER_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC if hasattr(os, "O_PATH") else 0
+#: openat2's answers that mean the same as the walk's; for any other, the walk decides.
+_PLAIN_ERRORS = (errno.ENOENT, errno.ELOOP, errno.ENOTDIR, errno.EACCES)
+
+
+def _openat2_folder() -> Callable[[bytes], int] | None:
+    """A function opening a folder with no link on its path, or None where openat2 is missing
+    (an older kernel, another system, a sandbox that filters the call)."""
+    number = _SYS_OPENAT2.get(platform.machine())
+    if not sys.platform.startswith("linux") or number is None or not _FOLDER_FLAGS:
+        return None
+    try:
+        syscall = ctypes.CDLL(None, use_errno=True).syscall
+    except (OSError, AttributeError):
+        return None
+    syscall.restype = ctypes.c_long
+    # All as longs: syscall(2) reads its variadic arguments so.
+    syscall.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t]
+    how = (ctypes.c_uint64 * 3)(_FOLDER_FLAGS, 0, _RESOLVE_NO_SYMLINKS)  # struct open_how
+    address, size = ctypes.addressof(how), ctypes.sizeof(how)
+
+    def open_folder(path: bytes) -> int:
+        fd = syscall(number, _AT_FDCWD, path, address, size)
+        if fd < 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+        return fd
+
+    open_folder.how = how  # type: ignore[attr-defined]  # keeps the struct alive with the function
+    try:
+        fd = open_folder(b"/")
+    except OSError:
+        return None
+    os.close(fd)
+    return open_folder
+
+
+_open_folder = _openat2_folder()
+
+
 def _is_link(name: str, dir_fd: int) -> bool:
     try:
         return stat.S_ISLNK(os.lstat(name, dir_fd=dir_fd).st_mode)
@@ -92,13 +169,16 @@ def _is_link(name: str, dir_fd: int) -> bool:
         return False
 
 
-@contextmanager
-def open_regular(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
-    """The file at ``path`` if it is a regular, non-empty file, checked on what was opened.
+def open_checked(path: str | os.PathLike[str], walk: bool = False) -> BinaryIO:
+    """The file at ``path`` if it is a regular, non-empty file, checked on what was opened; the
+    caller closes it.
 
-    Opened once (see _open_no_follow), then ``fstat`` decides: what is checked is what is read.
+    Opened once (see _open_no_follow; ``walk``: one component at a time even where openat2 is
+    there), then ``fstat`` decides: what is checked is what is read. A small file is read at
+    once (IN_MEMORY): Pillow's many small reads then cost nothing.
     """
-    fd = _open_no_follow(os.fspath(path))
+    path = os.fspath(path)
+    fd = _walk(os.path.abspath(path)) if walk else _open_no_follow(path)
     try:
         st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):
@@ -107,12 +187,29 @@ def open_regular(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
             raise ImageError("not a regular file", ErrorKind.REFUSED)
         if st.st_size == 0:
             raise ImageError("empty file")
-        fp = os.fdopen(fd, "rb")
+        if st.st_size > IN_MEMORY:
+            return os.fdopen(fd, "rb")  # it owns the descriptor from here
+        data = _read(fd, st.st_size)
     except BaseException:
         os.close(fd)
         raise
-    with fp:
+    os.close(fd)
+    return io.BytesIO(data)
+
+
+@contextmanager
+def open_regular(path: str | os.PathLike[str], walk: bool = False) -> Iterator[BinaryIO]:
+    """``open_checked``, closed on leaving."""
+    with open_checked(path, walk) as fp:
         yield fp
+
+
+def _read(fd: int, size: int) -> bytes:
+    """``size`` bytes from ``fd`` (fewer if the file was cut short meanwhile)."""
+    data = os.read(fd, size)
+    while len(data) < size and (more := os.read(fd, size - len(data))):
+        data += more
+    return data
 
 
 def open_image(fp: BinaryIO, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -162,10 +259,15 @@ def shrink(im: Image.Image) -> Image.Image:
     return im.reduce(factor)
 
 
-def to_gray(im: Image.Image) -> np.ndarray:
-    """Any mode to float32 luminance in [0, 1]; transparent areas become contrasting paper."""
+def to_luminance(im: Image.Image) -> np.ndarray:
+    """Luminance of any mode: uint8 (a level's luminance is level / 255) for an image without
+    alpha or high bit depth, else float32 in [0, 1]; transparent areas become contrasting paper."""
     im = shrink(im)  # a file just opened is at its first frame: n_frames would walk them all
-    ImageOps.exif_transpose(im, in_place=True)  # in place: no copy of a big image
+    im.load()
+    # Only metadata can hold an orientation (getexif reads info, and a TIFF's tags): an image
+    # with neither, every MNIST PNG, has nothing to turn.
+    if im.info or hasattr(im, "tag_v2"):
+        ImageOps.exif_transpose(im, in_place=True)  # in place: no copy of a big image
     mode = im.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         # High bit depths often hold 8-, 10- or 12-bit data: stretch by the image's own range.
@@ -174,7 +276,8 @@ def to_gray(im: Image.Image) -> np.ndarray:
         return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
     has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info
     if not has_alpha:
-        return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+        flat = im if mode == "L" else im.convert("L")  # np.frombuffer: less than np.asarray's interface
+        return np.frombuffer(flat.tobytes(), dtype=np.uint8).reshape(flat.size[1], flat.size[0])
     rgba = np.asarray(im.convert("LA"), dtype=np.float32) / 255.0
     gray, alpha = rgba[..., 0], rgba[..., 1]
     if alpha.min() >= 1.0:
@@ -186,59 +289,23 @@ def to_gray(im: Image.Image) -> np.ndarray:
     return gray * alpha + paper * (1.0 - alpha)
 
 
-def _background(a: np.ndarray) -> np.ndarray:
-    """Slowly varying paper tone (lighting, shadows): the local minimum at a scale above strokes."""
-    h, w = a.shape
-    k = max(2, min(h, w) // 16)
-    small = Image.fromarray(a, "F").reduce(k)
-    bg = small.filter(ImageFilter.MinFilter(5))
-    return np.asarray(bg.resize((w, h), Image.Resampling.BILINEAR), dtype=np.float32)
-
-
-def normalise(gray: np.ndarray) -> np.ndarray:
-    """MNIST-style 28x28 float32 in [0, 1] (ink bright) from a luminance array."""
-    h, w = gray.shape
-    bw = max(1, min(h, w) // 20)
-    border = np.concatenate(
-        [gray[:bw].ravel(), gray[-bw:].ravel(), gray[:, :bw].ravel(), gray[:, -bw:].ravel()]
-    )
-    paper = float(np.median(border))
-    a = gray - paper if paper < 0.5 else paper - gray  # ink bright, paper at zero
-    if max(h, w) > 56:  # camera-sized: speckle and uneven paper; MNIST-sized images have neither
-        a = np.asarray(Image.fromarray(a.astype(np.float32), "F").filter(ImageFilter.MedianFilter(3)))
-        a = a - _background(a)
-        border = np.concatenate([a[:bw].ravel(), a[-bw:].ravel(), a[:, :bw].ravel(), a[:, -bw:].ravel()])
-        paper = float(np.median(border))
-        a = a - paper
-        border = border - paper
-    else:
-        border = border - paper
-    a = np.clip(a, 0.0, None)
-    peak = float(a.max())
-    if peak <= 0.05:
-        raise ImageError("no digit found (blank image)", ErrorKind.NO_DIGIT)
-    a /= peak
-    # Noise floor from the border spread: only ink well above it counts towards the bounding box.
-    spread = float(np.median(np.abs(border))) * 1.4826
-    a[a < min(0.5, max(0.05, 5.0 * spread / peak))] = 0.0
-    if not a.any():
-        raise ImageError("no digit found (only noise)", ErrorKind.NO_DIGIT)
-    rows, cols = np.flatnonzero(a.any(axis=1)), np.flatnonzero(a.any(axis=0))
-    crop = a[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-    ch, cw = crop.shape
-    scale = 20.0 / max(ch, cw)
-    nh, nw = max(1, round(ch * scale)), max(1, round(cw * scale))
-    if (nh, nw) != (ch, cw):
-        crop = np.asarray(Image.fromarray(crop, "F").resize((nw, nh), Image.Resampling.LANCZOS))
-        crop = np.clip(crop, 0.0, 1.0)
-    mass = crop.sum()
-    cy = float((crop.sum(axis=1) * np.arange(nh)).sum() / mass)
-    cx = float((crop.sum(axis=0) * np.arange(nw)).sum() / mass)
-    top = min(max(round(13.5 - cy), 0), 28 - nh)
-    left = min(max(round(13.5 - cx), 0), 28 - nw)
-    out = np.zeros((28, 28), dtype=np.float32)
-    out[top : top + nh, left : left + nw] = crop
-    return out
+def read_luminance(
+    path: str | os.PathLike[str],
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    to: Callable[[Image.Image], np.ndarray] = to_luminance,
+    walk: bool = False,
+) -> np.ndarray:
+    """The file's luminance (see ``to_luminance``), or ImageError with the reason; ``walk``: see
+    ``open_checked``. ``to`` decodes (mnistq/images_reference.py passes its ``to_gray``)."""
+    with open_checked(path, walk) as fp:
+        im = open_image(fp, max_pixels)
+        try:
+            with im:
+                return to(im)
+        except ImageError:
+            raise
+        except (OSError, ValueError, SyntaxError, EOFError) as e:  # Pillow's ways of saying "damaged"
+            raise ImageError(f"damaged or truncated image: {e}") from None
 
 
 def load_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -247,13 +314,49 @@ def load_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXEL
     The path is opened without following symbolic links (resolve it first where links are
     welcome, as ``mnistq predict`` does).
     """
-    with open_regular(path) as fp:
-        im = open_image(fp, max_pixels)
+    return normalise(read_luminance(path, max_pixels))
+
+
+#: a group of same-size small images at least this big is normalised as one stack
+MANY = 8
+
+
+def load_images(
+    paths: Sequence[str | os.PathLike[str]], max_pixels: int = DEFAULT_MAX_PIXELS
+) -> list[np.ndarray | Exception]:
+    """``load_image`` of each path, in order: its array, or the exception it would have raised
+    (ImageError for a file that is not a readable digit; anything else is a bug or a decoder's
+    own failure, for the caller to log). Small 8-bit images of one size are normalised together.
+    """
+    out: list[np.ndarray | Exception | None] = [None] * len(paths)
+    small: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}
+    for i, path in enumerate(paths):
         try:
-            with im:
-                gray = to_gray(im)
-        except ImageError:
-            raise
-        except (OSError, ValueError, SyntaxError, EOFError) as e:  # Pillow's ways of saying "damaged"
-            raise ImageError(f"damaged or truncated image: {e}") from None
-    return normalise(gray)
+            gray = read_luminance(path, max_pixels)
+            if gray.dtype == np.uint8 and gray.ndim == 2 and max(gray.shape) <= SMALL:
+                small.setdefault(gray.shape, []).append((i, gray))
+            else:  # normalised at once: a camera-sized float array is not kept for the batch
+                out[i] = normalise(gray)
+        except Exception as e:  # this file's result; the others go on
+            out[i] = e
+    for group in small.values():
+        if len(group) < MANY:
+            for i, gray in group:
+                out[i] = _normalised(gray)
+            continue
+        arrays: Sequence[np.ndarray | Exception]
+        try:
+            arrays = normalise_many(np.stack([gray for _, gray in group]))
+        except Exception:  # a bug there must not cost the batch: each image on its own
+            arrays = [_normalised(gray) for _, gray in group]
+        for (i, _), a in zip(group, arrays, strict=True):
+            out[i] = a
+    assert all(x is not None for x in out)
+    return out  # type: ignore[return-value]
+
+
+def _normalised(gray: np.ndarray) -> np.ndarray | Exception:
+    try:
+        return normalise(gray)
+    except Exception as e:
+        return e

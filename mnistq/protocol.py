@@ -42,6 +42,18 @@ class ExitCode(IntEnum):
     INTERRUPTED = 130  # a second Ctrl-C: stopped at once
 
 
+class ReviewReason(StrEnum):
+    """Why a classified file was sent to review (its digit and confidence are still given)."""
+
+    NOT_DIGIT = "not a digit"  # the model judges the image not a digit at all
+    LOW_CONFIDENCE = "low confidence"  # the calibrated confidence is under the request's P
+
+
+#: The P of a review request with none of its own, when the serving model recommends none
+#: (a checkpoint from before calibration): a prediction less likely right than wrong.
+FALLBACK_REVIEW_BELOW = 0.5
+
+
 class ErrorKind(StrEnum):
     """Why a file got an error row; the ``error`` text says the details."""
 
@@ -73,6 +85,11 @@ class ClassifyRequest:
     ids: list[str] | None = None  # the producer's file ids, echoed back in the results
     reply_to: str | None = None  # a reply key (see reply_key)
     probabilities: bool = False  # also return the 10 class probabilities per image
+    #: decide review per image (see Result.review); an older worker ignores it (no review)
+    review: bool = False
+    #: the P of review: a confidence under it is sent to review; None: the serving model's
+    #: recommended threshold (FALLBACK_REVIEW_BELOW when it has none)
+    review_below: float | None = None
 
     def to_kwargs(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,11 +104,18 @@ class ClassifyRequest:
             not isinstance(ids, list) or len(ids) != len(paths) or not all(isinstance(i, str) for i in ids)
         ):
             raise ValueError("ids must be a list of strings, one per path")
+        below = kwargs.get("review_below")
+        if below is not None and not (
+            isinstance(below, int | float) and not isinstance(below, bool) and 0 < below < 1
+        ):
+            raise ValueError(f"review_below must be a number between 0 and 1, or None, not {below!r}")
         return cls(
             paths=paths,
             ids=ids,
             reply_to=kwargs.get("reply_to"),
             probabilities=bool(kwargs.get("probabilities", False)),
+            review=bool(kwargs.get("review", False)),
+            review_below=None if below is None else float(below),
         )
 
 
@@ -111,12 +135,15 @@ class Result:
     error: str | None = None
     error_kind: ErrorKind | None = None
     probabilities: list[float] | None = None
+    #: why the file goes to review/ (a ReviewReason's text), None when it does not: set by the
+    #: worker, only when the request asked for review, never on an error result
+    review: str | None = None
     worker: str | None = None
     decode_ms_per_image: float | None = None
     forward_ms_per_batch: float | None = None
     forward_batch_size: int | None = None
-    #: where the producer put the file once its row was written (done/ or failed/); set by the
-    #: watcher, never by a worker; None when the file stayed where it was (--keep, a folder)
+    #: where the producer put the file once its row was written (done/, review/ or failed/); set by
+    #: the watcher, never by a worker; None when the file stayed where it was (--keep, a folder)
     moved_to: str | None = None
 
     @classmethod
@@ -158,7 +185,9 @@ class Reply:
 
 #: The results CSV, in order. A CSV written by an older version keeps its own header: rows are
 #: appended under it with the columns it has (see producer/csvsink.py). ``moved_to`` is where
-#: the file is now (done/ or failed/), empty when it stayed in place (--keep, a folder).
+#: the file is now (done/, review/ or failed/), empty when it stayed in place (--keep, a folder);
+#: ``review`` is why it was sent to review (Result.review), empty when it was not.
 CSV_COLUMNS = (
     "path", "digit", "confidence", "model_version", "error", "error_kind", "id", "finished_at", "moved_to",
+    "review",
 )  # fmt: skip

@@ -227,10 +227,14 @@ def _inbox(args: argparse.Namespace) -> Path:
 
 
 def files_left(args: argparse.Namespace) -> int:
-    """Image files in the inbox, not counting the done and failed folders if they are inside it."""
+    """Image files in the inbox, not counting the done, review and failed folders if they are
+    inside it."""
+    from producer.finish import review_dir_for
+
     inbox = _inbox(args)
     base = Path(args.csv).expanduser().resolve().parent
-    skip = {Path(d).resolve() for d in (args.done_dir or base / "done", args.failed_dir or base / "failed")}
+    done = Path(args.done_dir or base / "done").resolve()
+    skip = {done, review_dir_for(done), Path(args.failed_dir or base / "failed").resolve()}
     n = 0
     for root, dirs, names in os.walk(inbox):
         dirs[:] = [d for d in dirs if Path(root, d) not in skip]

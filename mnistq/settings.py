@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, Literal
 
 from mnistq.errors import ConfigError
 
@@ -51,8 +51,42 @@ def _paths(raw: str) -> tuple[Path, ...]:
     return tuple(Path(p).expanduser().resolve() for p in raw.split(os.pathsep) if p)
 
 
-def _env(name: str, parse: Callable[[str], Any], *aliases: str) -> dict[str, Any]:
-    return {"env": name, "parse": parse, "aliases": aliases}
+#: ``review_below``'s "the serving model's recommended threshold" (the worker knows it)
+AUTO: Final = "auto"
+#: off (None), the model's recommended threshold (AUTO), or a P of one's own, 0 < P < 1
+ReviewBelow = float | Literal["auto"] | None
+REVIEW_BELOW_HELP = (
+    "a number between 0 and 1, such as 0.9, auto for the model's recommended threshold, or off"
+)
+
+
+def parse_review_below(raw: str | float | None) -> ReviewBelow:
+    """The review setting from a variable, an option or an API argument; ValueError if bad.
+
+    ``auto``/``recommended``: the serving model's recommended threshold; ``off`` (or None): no
+    review; a number P, 0 < P < 1: a calibrated confidence under P is sent to review.
+    """
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        word = raw.strip().lower()  # any case
+        if word in ("auto", "recommended"):
+            return AUTO
+        if word == "off":
+            return None
+    if isinstance(raw, bool):  # True would read as 1.0: a mistake, not a threshold
+        raise ValueError(f"expected {REVIEW_BELOW_HELP}, not {raw!r}")
+    try:
+        p = float(raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected {REVIEW_BELOW_HELP}, not {raw!r}") from None
+    if not 0 < p < 1:  # NaN too
+        raise ValueError(f"expected {REVIEW_BELOW_HELP}, not {raw!r}")
+    return p
+
+
+def _env(name: str, parse: Callable[[str], Any], *aliases: str, hint: str = "") -> dict[str, Any]:
+    return {"env": name, "parse": parse, "aliases": aliases, "hint": hint}
 
 
 @dataclass(frozen=True)
@@ -102,6 +136,11 @@ class Settings:
     #: seconds between a worker's throughput lines
     stats_interval: float = field(default=10.0, metadata=_env("MNISTQ_STATS_INTERVAL", _float))
     pool: str = field(default="threads", metadata=_env("MNISTQ_POOL", _text))  # threads|prefork
+    #: producers and the API: send to review files judged not a digit or under this confidence
+    #: (None: off; AUTO: the serving model's recommended threshold); the worker decides
+    review_below: ReviewBelow = field(
+        default=None, metadata=_env("MNISTQ_REVIEW_BELOW", parse_review_below, hint=REVIEW_BELOW_HELP)
+    )
     log_level: str = field(default="INFO", metadata=_env("MNISTQ_LOG_LEVEL", _text))
 
     @classmethod
@@ -121,7 +160,8 @@ class Settings:
             try:
                 values[f.name] = meta["parse"](env[name])
             except ValueError:
-                raise ConfigError(f"{name}: {env[name]!r} is not a valid value") from None
+                hint = f" (expected {meta['hint']})" if meta["hint"] else ""
+                raise ConfigError(f"{name}: {env[name]!r} is not a valid value{hint}") from None
         if run_state and "redis_url" not in values:
             values["redis_url"] = read_run_state(values.get("csv", cls.csv))
         s = cls(**values)
@@ -151,6 +191,11 @@ class Settings:
                 raise ConfigError(
                     f"{self.variable(name)} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}"
                 )
+        try:  # held in its parsed form only: None, AUTO or a float
+            if parse_review_below(self.review_below) != self.review_below:
+                raise ValueError(f"expected {REVIEW_BELOW_HELP}, not {self.review_below!r}")
+        except ValueError as e:
+            raise ConfigError(f"MNISTQ_REVIEW_BELOW: {e}") from None
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ConfigError(
                 f"MNISTQ_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, not {self.log_level!r}"

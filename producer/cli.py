@@ -25,10 +25,11 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from mnistq.errors import ConfigError
 from mnistq.protocol import ExitCode
-from mnistq.settings import Settings
+from mnistq.settings import AUTO, ReviewBelow, Settings, parse_review_below
 from producer.client import Client
 from producer.csvsink import CsvSink
 from producer.dispatch import Progress
+from producer.finish import review_dir_for
 from producer.lock import PathLock
 from producer.watcher import Watcher, WatchOptions
 
@@ -45,6 +46,20 @@ def one_line_errors(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
     p.error = error  # type: ignore[method-assign]
     return p
+
+
+def review_below_option(raw: str) -> ReviewBelow:
+    """``--review-below``'s value: a P, ``auto``, or ``off`` (argparse's one-line error if bad)."""
+    try:
+        return parse_review_below(raw)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _review_default(value: ReviewBelow) -> str:
+    if value is None:
+        return "off"
+    return "the model's recommended threshold" if value == AUTO else f"{value:g}"
 
 
 def watch_parser(prog: str, settings: Settings) -> argparse.ArgumentParser:
@@ -80,6 +95,18 @@ def watch_parser(prog: str, settings: Settings) -> argparse.ArgumentParser:
         help="where failed files go (default: failed/ beside the CSV)",
     )
     p.add_argument("--drain", action="store_true", help="process what is in the inbox, then exit")
+    p.add_argument(
+        "--review-below",
+        nargs="?",
+        const=AUTO,
+        default=settings.review_below,
+        type=review_below_option,
+        metavar="P",
+        help="send files judged not a digit, or whose calibrated confidence is below P (0 < P < 1), "
+        "to review/ beside done/, their rows saying why; with no P (or auto), the model's "
+        "recommended threshold; off: none; the workers decide (default: "
+        f"{_review_default(settings.review_below)}; MNISTQ_REVIEW_BELOW)",
+    )
     return one_line_errors(p)
 
 
@@ -124,9 +151,11 @@ def check_paths(args: argparse.Namespace) -> None:
     if inbox.exists() and not inbox.is_dir():
         raise ConfigError(f"the inbox {args.inbox} is a file, not a folder (--inbox or MNISTQ_INBOX)")
     csv = _check_csv(args.csv)
+    done = args.done_dir or csv.parent / "done"
     for option, folder in (
-        ("--done-dir", args.done_dir or csv.parent / "done"),
+        ("--done-dir", done),
         ("--failed-dir", args.failed_dir or csv.parent / "failed"),
+        ("the review folder", review_dir_for(done)),
     ):
         if folder.exists() and not folder.is_dir():
             raise ConfigError(f"{option} {folder} is a file, not a folder")
@@ -214,9 +243,12 @@ def watch(args: argparse.Namespace, redis_url: str, settings: Settings, stop: th
 def _watch(args: argparse.Namespace, redis_url: str, settings: Settings, stop: threading.Event) -> int:
     inbox = args.inbox.expanduser().resolve()
     csv = args.csv.expanduser().resolve()
+    done = (args.done_dir or csv.parent / "done").resolve()
+    # The workers judge review on what each message asks: the client puts this in every one.
+    settings = settings.with_(review_below=getattr(args, "review_below", settings.review_below))
     opts = WatchOptions(
         inbox=inbox,
-        done_dir=(args.done_dir or csv.parent / "done").resolve(),
+        done_dir=done,
         failed_dir=(args.failed_dir or csv.parent / "failed").resolve(),
         polling=args.polling,
         keep=args.keep,
@@ -225,6 +257,9 @@ def _watch(args: argparse.Namespace, redis_url: str, settings: Settings, stop: t
         resend_s=settings.resend_after_s,
     )
     print(f"inbox:   {inbox}\nresults: {csv}", file=sys.stderr)
+    if settings.review_below is not None:
+        below = _review_default(settings.review_below)
+        print(f"review:  {review_dir_for(done)} (not a digit, or confidence below {below})", file=sys.stderr)
     sink = _open_sink(csv)  # a file it refuses stops the command here, before any work
     bar, show = _progress_bar()
     try:
@@ -296,11 +331,14 @@ def _classify(paths: list[Path], timeout: float, csv: Path | None, settings: Set
             if sink:
                 sink.close()
     for r in results:
+        review = f"  [review: {r.review}]" if r.review else ""  # with MNISTQ_REVIEW_BELOW set
         if r.error:
             print(f"{r.path}: error: {r.error}", file=sys.stderr)
         elif len(results) == 1:
-            print(f"Predicted Digit: {r.digit}  (confidence {r.confidence:.3f}, model {r.model_version})")
+            print(
+                f"Predicted Digit: {r.digit}  (confidence {r.confidence:.3f}, model {r.model_version}){review}"
+            )
         else:
-            print(f"{r.path}: Predicted Digit: {r.digit}  (confidence {r.confidence:.3f})")
+            print(f"{r.path}: Predicted Digit: {r.digit}  (confidence {r.confidence:.3f}){review}")
     # 1 when any file failed, as before: the exit-code table has no row for failed inputs.
     return ExitCode.UNEXPECTED if any(r.error for r in results) else ExitCode.OK

@@ -5,6 +5,12 @@ the answers come back as :class:`Reply` objects on a Redis list of this client's
 (``reply_to``): the client blocks on it (BLPOP) instead of polling one result key per task, and
 a redelivered task's second answer is simply ignored. Nothing here imports torch.
 
+**Review**: ``review_below`` (a call's argument, else ``Settings.review_below``, from
+MNISTQ_REVIEW_BELOW; default off) asks the workers to judge each image for review: a number
+0 < P < 1, or ``"auto"`` for the serving model's recommended threshold. The worker decides, with
+the model that classified the image, and sets ``Result.review`` to the reason ("not a digit",
+"low confidence"); the client loads no model.
+
 What can go wrong is said in words: a broker that cannot be reached is
 :class:`~producer.broker.BrokerUnavailable` naming its URL (never a raw redis or kombu error),
 a short outage (a Redis restart) is ridden out, work the broker lost is sent again, and late
@@ -26,8 +32,9 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from mnistq.celeryconf import make_app
+from mnistq.errors import ConfigError
 from mnistq.protocol import QUEUE, TASK_NAME, ClassifyRequest, Reply, Result, reply_key
-from mnistq.settings import Settings
+from mnistq.settings import AUTO, ReviewBelow, Settings, parse_review_below
 from producer.broker import SERVER_ERRORS, BrokerUnavailable, Outage, safe_url, server_name, unreachable
 from producer.job import Job, NoWorker, ResultTimeout, miscounted
 
@@ -40,12 +47,32 @@ log = logging.getLogger("mnistq.producer")
 __all__ = ["BrokerUnavailable", "Client", "Job", "NoWorker", "ResultTimeout", "miscounted"]
 
 
+def review_fields(review_below: ReviewBelow) -> tuple[bool, float | None]:
+    """A review setting as the request's (review, review_below): off, the model's threshold
+    (AUTO), or a P of its own."""
+    if review_below is None:
+        return False, None
+    return True, None if review_below == AUTO else float(review_below)
+
+
+def _review(value: str | float | None, default: ReviewBelow) -> ReviewBelow:
+    """A call's review argument (None: the client's setting), checked: ConfigError if bad."""
+    if value is None:
+        return default
+    try:
+        return parse_review_below(value)
+    except ValueError as e:
+        raise ConfigError(f"review_below: {e}") from None
+
+
 class Client:
     """Sends image paths to the workers and gathers their results.
 
     ``settings`` default to ``Settings.from_env()``; ``message_size`` (paths per message)
     defaults to the settings' ``message_size``. ``reconnect_s``: how long ``enqueue`` and a
     job's wait ride out a broker that cannot be reached before raising BrokerUnavailable.
+    ``review_below`` on a call: see the module; None there means the settings' (default off),
+    ``"off"`` turns it off.
     """
 
     def __init__(
@@ -95,6 +122,7 @@ class Client:
         *,
         task_id: str | None = None,
         probabilities: bool = False,
+        review_below: str | float | None = None,
     ) -> str:
         """One message for these paths; returns its task id. Results arrive through ``receive``.
 
@@ -102,11 +130,14 @@ class Client:
         this returns. BrokerUnavailable when the broker did not take it.
         """
         task_id = task_id or str(uuid.uuid4())
+        review, below = review_fields(_review(review_below, self.settings.review_below))
         request = ClassifyRequest(
             paths=list(paths),
             ids=list(ids) if ids else None,
             reply_to=self.reply_to,
             probabilities=probabilities,
+            review=review,
+            review_below=below,
         )
         try:
             # ignore_result: the answer comes on the reply list; without it Celery subscribes to
@@ -118,9 +149,17 @@ class Client:
             raise unreachable(self.broker_url, e) from None
         return task_id
 
-    def enqueue(self, paths: Sequence[str | os.PathLike[str]], *, probabilities: bool = False) -> Job:
+    def enqueue(
+        self,
+        paths: Sequence[str | os.PathLike[str]],
+        *,
+        probabilities: bool = False,
+        review_below: str | float | None = None,
+    ) -> Job:
+        """Send the paths now (``message_size`` per message); the Job collects their results."""
+        _review(review_below, self.settings.review_below)  # a bad one fails here, before any send
         absolute = [os.path.abspath(p) for p in paths]
-        job = Job(self, absolute, probabilities=probabilities)
+        job = Job(self, absolute, probabilities=probabilities, review_below=review_below)
         for start in range(0, len(absolute), self.message_size):
             task_id = str(uuid.uuid4())
             job.tasks[task_id] = (start, min(start + self.message_size, len(absolute)))
@@ -141,9 +180,11 @@ class Client:
         timeout: float | None = None,
         *,
         probabilities: bool = False,
+        review_below: str | float | None = None,
     ) -> list[Result]:
-        """Results in input order; ``timeout`` as in :meth:`Job.as_completed` (None: until done)."""
-        return self.enqueue(paths, probabilities=probabilities).results(timeout)
+        """Results in input order; ``timeout`` as in :meth:`Job.as_completed` (None: until done).
+        ``review_below``: see the class (each result's ``review`` says why it was sent)."""
+        return self.enqueue(paths, probabilities=probabilities, review_below=review_below).results(timeout)
 
     def receive(self, timeout: float) -> list[Reply]:
         """Block up to ``timeout`` for finished tasks; a reply that cannot be read is logged and

@@ -3,7 +3,8 @@
 For each message (``submit``), in this order:
 
 1. **place**: each file is put at its final place under its final name, the name decided now
-   (collisions included): a hard link into done/ or failed/, or a copy across filesystems
+   (collisions included): a hard link into done/, review/ (a result the worker sent to review,
+   see ``Result.review``) or failed/ (an error result), or a copy across filesystems
    (producer/inbox.py ``place``). The inbox entry stays.
 2. **row**: the message's rows, each naming that final place (``moved_to``), are appended in
    one checked write and one fsync (producer/csvsink.py). If that fails, the new links are
@@ -43,6 +44,13 @@ log = logging.getLogger("mnistq.producer")
 
 #: seconds between tries while the disk refuses the rows
 RETRY_S = 2.0
+#: the review folder's name: beside done/, unless given
+REVIEW = "review"
+
+
+def review_dir_for(done_dir: Path) -> Path:
+    """Where files sent to review go when no folder is given: review/ beside done/."""
+    return done_dir.parent / REVIEW
 
 
 @dataclass(frozen=True)
@@ -74,11 +82,13 @@ class Finisher:
         inbox: Path,
         done_dir: Path,
         failed_dir: Path,
+        review_dir: Path | None = None,
         keep: bool = False,
         retry_s: float = RETRY_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.sink, self.inbox, self.done_dir, self.failed_dir = sink, inbox, done_dir, failed_dir
+        self.review_dir = review_dir or review_dir_for(done_dir)
         self.keep, self.retry_s, self.clock = keep, retry_s, clock
         # Replies (the collector) and retries and scans (the loop) come from two threads.
         self._lock = threading.RLock()
@@ -159,7 +169,7 @@ class Finisher:
             if not self.keep:
                 st, replaced = self._current(a)
             if st is not None:
-                where = self.failed_dir if a.result.error is not None else self.done_dir
+                where = self._folder(a.result)
                 try:
                     dest, created = place(a.path, st, target(a.path, self.inbox, where), a.fid)
                 except OSError as e:
@@ -184,6 +194,12 @@ class Finisher:
         for a, st, dest, _ in placed:
             gone[a.fid] = self._remove(a.path, st, dest)
         return [replace(x, replaced=True) if gone.get(x.answer.fid) is False else x for x in landed]
+
+    def _folder(self, r: Result) -> Path:
+        """An error row's file goes to failed/, one the worker sent to review to review/."""
+        if r.error is not None:
+            return self.failed_dir
+        return self.review_dir if r.review else self.done_dir
 
     def _current(self, a: Answer) -> tuple[os.stat_result | None, bool]:
         """The file to place: (its lstat, False); (None, True) when another file took its name;

@@ -59,11 +59,13 @@ class Job:
         tasks: dict[str, tuple[int, int]] | None = None,
         *,
         probabilities: bool = False,
+        review_below: str | float | None = None,
     ) -> None:
         self.client = client
         self.paths = paths
         self.tasks = tasks if tasks is not None else {}  # task id -> (start, end) slice of paths
         self.probabilities = probabilities
+        self.review_below = review_below  # the call's, checked (None: the client's setting)
         self._results: list[Result | None] = [None] * len(paths)
         self._new: list[Result] = []  # in arrival order
         self._lock = threading.Lock()  # guards _sent_at: any thread that pumps may deliver
@@ -86,7 +88,11 @@ class Job:
         client = self.client
         while True:
             try:
-                client.send(self.paths[start:end], task_id=task_id, probabilities=self.probabilities)
+                paths, probs = self.paths[start:end], self.probabilities
+                if self.review_below is None:  # a send() from before review_below still works
+                    client.send(paths, task_id=task_id, probabilities=probs)
+                else:
+                    client.send(paths, task_id=task_id, probabilities=probs, review_below=self.review_below)
                 break
             except BrokerUnavailable as e:
                 client._wait_for_broker(e)

@@ -4,7 +4,8 @@ The page is self-contained (no network: plots are inline SVG, thumbnails are dat
 can be mailed or opened from a share. The CSV is read once, row by row, into bounded tallies
 (counts, a histogram, finish times per ms, made coarser past 10,000 of them, at most 48 tiles
 per group), so a 60,000-row file costs little memory. Columns an older CSV lacks
-(``error_kind``, ``moved_to``) and the ``review`` column that later versions add are optional.
+(``error_kind``, ``moved_to``) and the ``review`` column (why the worker sent a file to review/,
+e.g. "low confidence"; any non-empty value but 0/false/no counts) are optional.
 matplotlib is imported here only: the watcher and the workers never load it.
 """
 
@@ -62,6 +63,7 @@ class Tally:
     examples: dict[str, Counter[str]] = field(default_factory=dict)
     versions: Counter[str] = field(default_factory=Counter)
     review: int = 0
+    reasons: Counter[str] = field(default_factory=Counter)  # review rows by reason (bounded)
     least: list[Tile] = field(default_factory=list)
     groups: dict[str, list[Tile]] = field(default_factory=lambda: {"Review": [], "Failed": []})
 
@@ -123,10 +125,13 @@ def _add(t: Tally, n: int, row: dict[str, str]) -> None:
         return
     t.conf[min(int(conf * 20), 19)] += 1
     caption = f"{digit} at {conf:.2f}"
-    if row.get("review", "").strip().lower() not in _NOT_REVIEW:
+    reason = row.get("review", "").strip()
+    if reason.lower() not in _NOT_REVIEW:
         t.review += 1
+        if len(t.reasons) < 20 or reason in t.reasons:  # bounded, whatever the cells hold
+            t.reasons[reason[:40]] += 1
         if len(t.groups["Review"]) < TILES:
-            t.groups["Review"].append(Tile(0, n, path, moved, caption, "review"))
+            t.groups["Review"].append(Tile(0, n, path, moved, caption, "review", reason))
     tile = Tile(-conf, -n, path, moved, caption, "done")
     (heapq.heappush if len(t.least) < TILES else heapq.heappushpop)(t.least, tile)
 
@@ -283,7 +288,8 @@ def render(csv_path: Path, t: Tally, header: tuple[str, ...]) -> str:
     versions = ", ".join(f"{v} ({c:,})" for v, c in t.versions.most_common(5))
     facts = {"CSV": str(csv_path), "rows": f"{t.rows:,}", "classified": f"{ok:,}", "errors": f"{errors:,}"}
     if "review" in header:
-        facts["sent to review"] = f"{t.review:,}"
+        why = ", ".join(f"{r} {c:,}" for r, c in t.reasons.most_common(5))
+        facts["sent to review"] = f"{t.review:,}" + (f" ({why})" if t.review else "")
     facts["model versions"] = versions or "none"
     if lacking := [c for c in ("error_kind", "moved_to") if c not in header]:
         facts["note"] = f"an older CSV without {', '.join(lacking)}: errors grouped by their text"

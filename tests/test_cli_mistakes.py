@@ -63,6 +63,11 @@ MISTAKES = {
     "a CSV where nothing can be written": (["watch", "--csv", "/proc/results.csv"], "cannot write in /proc"),
     "a done folder that is a file": (["watch", "--done-dir", "README.md"], "is a file, not a folder"),
     "an unknown option": (["watch", "--bogus"], "unrecognized arguments: --bogus"),
+    "a review threshold that is not a probability": (
+        ["watch", "--review-below", "90"],
+        "argument --review-below: expected a number between 0 and 1",
+    ),
+    "a review folder that is a file": (["watch", "--done-dir", "x/done"], "the review folder"),
     "an option without its value": (["watch", "--inbox"], "expected one argument"),
     "classify without paths": (["classify"], "required: paths"),
     "classify with a bad timeout": (["classify", "--timeout", "soon", "x.png"], "invalid float value"),
@@ -77,6 +82,8 @@ MISTAKES = {
 def test_each_mistake_is_one_line_and_creates_nothing(name: str, tmp_path: Path) -> None:
     args, expected = MISTAKES[name]
     (tmp_path / "README.md").write_text("not a folder\n")
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "review").write_text("a file where review/ would go\n")
     before = tree(tmp_path)
     # a dead broker: every mistake is found before the broker is needed
     out = mnistq(*args, cwd=tmp_path, env=environ(REDIS_URL=dead_url()))

@@ -1,15 +1,20 @@
-"""The worker's engine and batcher in process: coalescing with a fake engine, bf16 with the real one."""
+"""The worker's engine and batcher in process: coalescing with a fake engine, bf16 and calibration
+with the real one."""
 
 from __future__ import annotations
 
+import logging
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers_images import SHIPPED_MODEL
+import torch
+from helpers_images import DIGITS, SHIPPED_MODEL, digit_image
+from test_review import write_checkpoint
 
 from mnistq.settings import Settings
-from trainer.model import bf16_supported, pick_device
+from trainer.model import Calibration, bf16_supported, load_checkpoint, pick_device, predict_logits, prepare
 from worker.engine import Batcher, Engine, Prediction
 
 pytestmark = pytest.mark.timeout(60)
@@ -101,3 +106,65 @@ def test_bf16_and_fp32_agree_in_the_worker_engine() -> None:
     assert not np.array_equal(p32, p16)  # bf16 really ran: its rounding shows
     same = (p16.argmax(1) == p32.argmax(1)).mean()
     assert same >= 0.99, f"bf16 and fp32 disagree on {1 - same:.1%} of inputs"
+
+
+# --- calibration: what the engine serves, and that it changes with its model ---------------------
+
+
+def _images() -> np.ndarray:
+    """Clean digits and noise: some look like digits, some do not."""
+    rng = np.random.default_rng(1)
+    digits = [digit_image(d).astype(np.float32) / 255 for d in DIGITS]
+    noise = [rng.random((28, 28), dtype=np.float32) ** 3 for _ in range(5)]
+    return np.stack(digits + noise)
+
+
+def _logits(x: np.ndarray) -> torch.Tensor:
+    ckpt = load_checkpoint(SHIPPED_MODEL)
+    cpu = pick_device("cpu")
+    model = prepare(ckpt.model, cpu)
+    mean, std = float(ckpt.meta["mean"]), float(ckpt.meta["std"])
+    return predict_logits(model, torch.from_numpy(x).unsqueeze(1), mean, std, cpu, "fp32")
+
+
+def test_the_engine_serves_calibrated_probabilities_and_reloads_them_with_their_model(
+    tmp_path: Path,
+) -> None:
+    x = _images()
+    logits = _logits(x)
+    scores = np.sort(Calibration(2.0).digit_score(logits).numpy())
+    middle = float(scores[len(scores) // 2 - 1] + scores[len(scores) // 2]) / 2
+    first = Calibration(2.0, review_below=0.6, digit_score_below=middle, fitted=True)
+    path = write_checkpoint(tmp_path / "m.pt", first)
+    engine = Engine(Settings(model=path, device="cpu", precision="fp32"))
+    pred = engine.infer(x)
+    assert np.allclose(pred.probs, torch.softmax(logits / 2.0, 1).numpy(), atol=1e-5)
+    assert pred.review_below == 0.6 and pred.not_digit is not None
+    assert pred.not_digit.tolist() == (Calibration(2.0).digit_score(logits).numpy() < middle).tolist()
+    assert 0 < pred.not_digit.sum() < len(x)
+    old = pred.version
+
+    # Same weights, another calibration: a new version, installed whole between batches.
+    second = Calibration(0.5, review_below=0.9, fitted=True)
+    write_checkpoint(path, second)
+    engine.maybe_reload()
+    pred = engine.infer(x)
+    assert pred.version != old and engine.calibration == second
+    assert np.allclose(pred.probs, torch.softmax(logits / 0.5, 1).numpy(), atol=1e-5)
+    assert pred.review_below == 0.9 and not pred.not_digit.any()  # type: ignore[union-attr]
+    # a coalesced pass's slice keeps it all together
+    part = pred.slice(2, 4)
+    assert part.probs.shape == (2, 10) and part.review_below == 0.9 and part.version == pred.version
+
+
+def test_an_uncalibrated_model_is_served_at_temperature_one_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write_checkpoint(tmp_path / "old.pt", None)
+    caplog.set_level(logging.INFO, "worker.engine")
+    engine = Engine(Settings(model=path, device="cpu", precision="fp32"))
+    assert any("uncalibrated" in m for m in caplog.messages), caplog.messages
+    x = _images()
+    pred = engine.infer(x)
+    assert np.allclose(pred.probs, torch.softmax(_logits(x), 1).numpy(), atol=1e-5)
+    assert pred.review_below is None and not pred.not_digit.any()  # type: ignore[union-attr]

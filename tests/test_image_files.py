@@ -14,6 +14,7 @@ from helpers_images import SHIPPED_MODEL, digit_image
 from PIL import Image
 
 import mnistq.images
+import mnistq.images_reference
 from mnistq.errors import ImageError
 from mnistq.images import FORMATS, MIN_SIDE, load_image
 from mnistq.protocol import EXTENSIONS, ErrorKind
@@ -130,3 +131,152 @@ def test_exif_orientation_survives_the_reduction(tmp_path: Path) -> None:
     path = tmp_path / "turned.jpg"
     upright.transpose(Image.Transpose.ROTATE_90).save(path, exif=exif, quality=90)
     assert _read(load_image(path)) == 7
+
+
+# --- the served open (openat2 where the kernel has it) and the walk refuse alike -----------------
+
+
+def _outcome(read, path) -> str:
+    try:
+        read(path)
+        return "read"
+    except ImageError as e:
+        return f"{e.kind.value}: {e}"
+
+
+def test_openat2_and_the_walk_say_the_same(tmp_path: Path, monkeypatch) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    Image.fromarray(digit_image(2)).save(real / "two.png")
+    (real / "link.png").symlink_to(real / "two.png")
+    (tmp_path / "folder-link").symlink_to(real)
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    os.mkfifo(real / "pipe.png")
+    paths = [
+        real / "two.png",
+        real / "link.png",
+        tmp_path / "folder-link" / "two.png",
+        tmp_path / "dangling" / "two.png",
+        real / "pipe.png",
+        real,
+        real / "missing.png",
+        tmp_path / "missing" / "two.png",
+        real / "two.png" / "x.png",  # a file where a folder should be
+        Path(str(real) + "//" + "two.png"),
+        real / "." / "two.png",
+        Path("/"),
+    ]
+    walk = [_outcome(lambda p: mnistq.images.read_luminance(p, walk=True), p) for p in paths]
+    served = [_outcome(mnistq.images.read_luminance, p) for p in paths]
+    monkeypatch.setattr(mnistq.images, "_open_folder", None)  # no openat2: the walk serves
+    fallback = [_outcome(mnistq.images.read_luminance, p) for p in paths]
+    assert served == walk == fallback
+    assert walk[:5] == [
+        "read",
+        "refused: the file is a symbolic link (links are not followed)",
+        "refused: a folder on its path is a symbolic link (links are not followed)",
+        "refused: a folder on its path is a symbolic link (links are not followed)",
+        "refused: not a regular file",
+    ]
+    for read in (mnistq.images.load_image, mnistq.images_reference.load_image_reference):
+        with pytest.raises(ValueError, match="null byte"):  # as os.open has always said
+            read(str(real / "two.png") + "\0")
+
+
+@pytest.mark.skipif(mnistq.images._open_folder is None, reason="no openat2 here: the walk serves")
+def test_openat2_opens_the_folder_in_one_call(tmp_path: Path, monkeypatch) -> None:
+    deep = tmp_path / "a" / "b" / "c"
+    deep.mkdir(parents=True)
+    Image.fromarray(digit_image(2)).save(deep / "two.png")
+    opened: list[tuple[str, int | None]] = []
+    real_open = os.open
+
+    def spy(name, flags, mode=0o777, *, dir_fd=None):
+        opened.append((name, dir_fd))
+        return real_open(name, flags, mode, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "open", spy)
+    assert _read(load_image(deep / "two.png")) == 2
+    assert [name for name, _ in opened] == ["two.png"]  # the walk would open every component
+    assert opened[0][1] is not None  # in the folder openat2 gave, with O_NOFOLLOW
+
+
+# --- worker/paths.py: realpath(3), with Python's resolve where it says no -----------------------
+
+
+def _checked_before(raw: str, roots: tuple[Path, ...]) -> Path:
+    """worker/paths.py's checked_path as it was before realpath(3)."""
+    p = Path(raw)
+    if not p.is_absolute():
+        raise ImageError("path must be absolute", ErrorKind.REFUSED)
+    if ".." in p.parts:
+        raise ImageError("path must not contain '..'", ErrorKind.REFUSED)
+    try:
+        real = p.resolve(strict=False)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise ImageError(f"cannot resolve path: {e}", ErrorKind.REFUSED) from None
+    if not any(real.is_relative_to(root) for root in roots):
+        named = ", ".join(str(root) for root in roots) or "none"
+        raise ImageError(
+            f"path is outside the allowed roots ({named}); set MNISTQ_ALLOWED_ROOTS on the worker",
+            ErrorKind.REFUSED,
+        )
+    return real
+
+
+def test_checked_path_says_what_it_always_said(tmp_path: Path, monkeypatch) -> None:
+    import worker.paths
+
+    root, outside, beside = tmp_path / "root", tmp_path / "outside", tmp_path / "root2"
+    (root / "sub").mkdir(parents=True)
+    outside.mkdir()
+    beside.mkdir()  # its name begins with the root's: still outside it
+    for folder in (root / "sub", outside, beside):
+        Image.fromarray(digit_image(2)).save(folder / "two.png")
+    (root / "in-link.png").symlink_to(root / "sub" / "two.png")
+    (root / "out-link.png").symlink_to(outside / "two.png")
+    (root / "folder-out").symlink_to(outside)
+    (root / "loop").symlink_to(root / "loop")
+    (root / "dangling.png").symlink_to(outside / "nowhere.png")
+    odd = os.fsdecode(b"caf\xe9.png")  # not UTF-8: surrogate escapes, both ways
+    Image.fromarray(digit_image(2)).save(root / odd)
+    s = str(root)
+    raws = [
+        f"{s}/sub/two.png",
+        f"{s}/in-link.png",
+        f"{s}/out-link.png",
+        f"{s}/folder-out/two.png",
+        f"{s}/loop",
+        f"{s}/loop/x.png",
+        f"{s}/dangling.png",
+        f"{s}/missing.png",
+        f"{s}/sub/../sub/two.png",
+        f"{s}//sub/./two.png",
+        f"{s}/sub/two.png/",
+        f"{s}/{odd}",
+        f"{s}/sub/two\0.png",
+        "relative.png",
+        "",
+        str(outside / "two.png"),
+        str(beside / "two.png"),
+        s,
+    ]
+    fast_answers: list[str | None] = []
+    real_fast = worker.paths._fast_realpath
+    monkeypatch.setattr(
+        worker.paths, "_fast_realpath", lambda raw: fast_answers.append(real_fast(raw)) or fast_answers[-1]
+    )
+
+    def answer(check, raw: str, roots: tuple[Path, ...]) -> object:
+        try:
+            return check(raw, roots)
+        except ImageError as e:
+            return (e.kind, str(e))
+
+    for roots in ((root,), (tmp_path / "elsewhere", root), (Path("/"),), (Path(s + "/"),)):
+        for raw in raws:
+            assert answer(worker.paths.checked_path, raw, roots) == answer(_checked_before, raw, roots), raw
+    assert any(fast_answers) and None in fast_answers  # realpath(3) answered, and sent some back
+    monkeypatch.setattr(worker.paths, "_fast_realpath", lambda raw: None)  # no C library: Python's resolve
+    for raw in raws:
+        assert answer(worker.paths.checked_path, raw, (root,)) == answer(_checked_before, raw, (root,)), raw

@@ -169,17 +169,22 @@ def test_an_empty_csv_gives_a_page_that_says_so(tmp_path: Path) -> None:
 
 
 def test_review_rows_and_folder_show_when_they_exist(tmp_path: Path) -> None:
-    """The review column and folder come later (issue 15, item 2): optional, shown when there."""
+    """The review column holds the worker's reason; the folder is review/ beside the CSV."""
+    assert CSV_COLUMNS[-1] == "review"
     (tmp_path / "review").mkdir()
     Image.new("L", (200, 100), 255).save(tmp_path / "review" / "odd.png")  # found by its name
     rows = [
-        {"path": "/in/odd.png", "digit": "4", "confidence": "0.41", "review": "1", "id": "1"},
+        {"path": "/in/odd.png", "digit": "4", "confidence": "0.41", "review": "low confidence", "id": "1"},
         {"path": "/in/ok.png", "digit": "7", "confidence": "0.99", "review": "", "id": "2"},
+        {"path": "/in/x.png", "digit": "1", "confidence": "0.97", "review": "not a digit", "id": "3"},
+        {"path": "/in/y.png", "digit": "1", "confidence": "0.30", "review": "low confidence", "id": "4"},
     ]
-    page = write_report(_write(tmp_path / "r.csv", (*CSV_COLUMNS, "review"), rows)).read_text()
-    assert "<th>sent to review</th><td>1</td>" in page
-    review = page.split("<h3>Review (1)</h3>")[1]
+    page = write_report(_write(tmp_path / "r.csv", CSV_COLUMNS, rows)).read_text()
+    assert "<th>sent to review</th><td>3 (low confidence 2, not a digit 1)</td>" in page
+    review = page.split("<h3>Review (3)</h3>")[1]
     assert "odd.png" in tiles(review)[0] and "data:image/png" in tiles(review)[0]
+    assert "not a digit" in tiles(review)[1]  # the reason, in the tile's tooltip
+    assert 'class="hole">missing' in tiles(review)[1]  # x.png is nowhere: said, not hidden
 
 
 def test_sixty_thousand_rows_stream_in_bounded_memory(tmp_path: Path) -> None:

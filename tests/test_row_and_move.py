@@ -1,5 +1,6 @@
 """The row-and-move rule (producer/finish.py): place, one row write, remove; crashes between the
-steps; names any filesystem holds; a disk that refuses. Fake broker, real files, a real CSV."""
+steps; names any filesystem holds; a disk that refuses; the review folder. Fake broker, real
+files, a real CSV."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import csv
 import errno
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -289,3 +291,77 @@ def test_an_unexpected_failure_hands_the_files_back_to_be_redone(
     s.dispatch.on_reply(answer(s.broker.sent[-1]))
     assert [r["path"] for r in s.rows()] == s.paths and list(s.inbox.iterdir()) == []
     assert sorted(p.name for p in s.done.iterdir()) == ["f0.png", "f1.png"]
+
+
+# --- the review folder: the same rule, another place --------------------------------------------
+
+
+def _reviewed(task: tuple[str, list[str], list[str]], reasons: list[str | None]) -> Reply:
+    """A worker's answer with these review reasons (None: not sent to review)."""
+    reply = answer(task)
+    for r, why in zip(reply.results, reasons, strict=True):
+        r.review = why
+    return reply
+
+
+def test_a_file_sent_to_review_goes_to_review_and_its_row_says_why(tmp_path: Path) -> None:
+    s = Setup(tmp_path, 4)
+    review = tmp_path / "review"  # beside done/
+    review.mkdir()
+    (review / "f1.png").write_bytes(b"an earlier f1.png, not to be overwritten")
+    s.dispatch.send(s.paths)
+    _, paths, ids = s.broker.sent[0]
+    reply = _reviewed(s.broker.sent[0], ["low confidence", "not a digit", None, "low confidence"])
+    # an error result goes to failed/, whatever else it says (a worker never sets both)
+    reply.results[3] = replace(Result.failed(paths[3], ErrorKind.NO_DIGIT, "no digit", ids[3]), review="x")
+    s.dispatch.on_reply(reply)
+    rows = s.rows()
+    assert [r["moved_to"] for r in rows] == [
+        str(review / "f0.png"),
+        str(review / f"f1.{ids[1][:8]}.png"),  # the name was taken: the same collision rule
+        str(s.done / "f2.png"),
+        str(s.failed / "f3.png"),
+    ]
+    assert [r["review"] for r in rows] == ["low confidence", "not a digit", "", "x"]
+    assert [r["digit"] for r in rows] == ["3", "3", "3", ""]  # still classified
+    assert all(Path(r["moved_to"]).read_bytes() == b"image" for r in rows)
+    assert list(s.inbox.iterdir()) == [] and s.dispatch.idle
+
+
+def test_a_crash_at_any_step_leaves_each_reviewed_file_one_row_in_review(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = Setup(tmp_path, 4)
+    review = tmp_path / "review"
+    reasons: list[str | None] = ["low confidence", None, "not a digit", None]
+
+    def crash(*_: object) -> None:
+        raise Crash
+
+    # Killed after linking, before the row: redone, the link in review/ reused.
+    s.dispatch.send(s.paths[:2])
+    with monkeypatch.context() as m:
+        m.setattr(CsvSink, "append", crash)
+        with pytest.raises(Crash):
+            s.dispatch.on_reply(_reviewed(s.broker.sent[-1], reasons[:2]))
+    assert read_rows(s.csv) == [] and (review / "f0.png").exists()
+    d = restart(s)
+    assert scan(s) == s.paths  # f0, f1 without rows; f2, f3 never sent
+    d.send(s.paths[:2])
+    d.on_reply(_reviewed(s.broker.sent[-1], reasons[:2]))
+    # Killed after the rows, before the inbox entries went: they go on the next scan.
+    d.send(s.paths[2:])
+    with monkeypatch.context() as m:
+        m.setattr(producer.finish, "remove", crash)
+        with pytest.raises(Crash):
+            d.on_reply(_reviewed(s.broker.sent[-1], reasons[2:]))
+    restart(s)
+    assert scan(s) == []
+    rows = {Path(r["path"]).name: r for r in read_rows(s.csv)}
+    assert {n: r["review"] for n, r in rows.items()} == {
+        "f0.png": "low confidence", "f1.png": "", "f2.png": "not a digit", "f3.png": "",
+    }  # fmt: skip
+    assert all(Path(r["moved_to"]).exists() for r in rows.values())
+    assert sorted(p.name for p in review.iterdir()) == ["f0.png", "f2.png"]
+    assert sorted(p.name for p in s.done.iterdir()) == ["f1.png", "f3.png"]
+    assert list(s.inbox.iterdir()) == []

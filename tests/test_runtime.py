@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import io
+import logging
 import os
 from pathlib import Path
 
@@ -13,25 +14,36 @@ from conftest import write_digits
 from helpers_images import SHIPPED_MODEL
 from PIL import Image
 
+import mnistq.images
 import worker.runtime
 from mnistq.images import load_image
-from mnistq.protocol import ClassifyRequest, ErrorKind
+from mnistq.protocol import FALLBACK_REVIEW_BELOW, ClassifyRequest, ErrorKind, ReviewReason
 from mnistq.settings import Settings
 from trainer.model import load_checkpoint
 from worker.engine import Prediction
 from worker.runtime import Runtime, Throughput, classify_paths
 
 pytestmark = pytest.mark.timeout(60)
+LOW, NOT_DIGIT = ReviewReason.LOW_CONFIDENCE.value, ReviewReason.NOT_DIGIT.value
 
 
 class FakeBatcher:
-    """Row k of each request gets digit k % 10 with confidence 0.5 + k / 100; records its input."""
+    """Row k of each request gets digit k % 10 with confidence ``base`` + k / 100 (rows in
+    ``not_digit`` judged not a digit); records its input."""
 
     version = "fake-v1"
 
-    def __init__(self, fail: Exception | None = None) -> None:
+    def __init__(
+        self,
+        fail: Exception | None = None,
+        *,
+        base: float = 0.5,
+        not_digit: tuple[int, ...] = (),
+        review_below: float | None = None,
+    ) -> None:
         self.fail = fail
         self.seen: list[np.ndarray] = []
+        self.base, self.not_digit, self.review_below = base, not_digit, review_below
 
     def predict(self, images: np.ndarray) -> Prediction:
         if self.fail is not None:
@@ -40,9 +52,10 @@ class FakeBatcher:
         n = len(images)
         probs = np.full((n, 10), 0.0, dtype=np.float32)
         for k in range(n):
-            probs[k] = (0.5 - k / 100) / 9
-            probs[k, k % 10] = 0.5 + k / 100
-        return Prediction(probs, self.version, forward_ms=7.0, batch_size=n + 5)
+            probs[k] = (1 - self.base - k / 100) / 9
+            probs[k, k % 10] = self.base + k / 100
+        odd = np.array([k in self.not_digit for k in range(n)])
+        return Prediction(probs, self.version, 7.0, n + 5, not_digit=odd, review_below=self.review_below)
 
 
 def _settings(root: Path, **changes: object) -> Settings:
@@ -118,16 +131,46 @@ def test_probabilities_only_when_asked(tmp_path: Path) -> None:
     assert "probabilities" not in plain[0].to_dict()
 
 
+def test_review_is_judged_per_image_only_when_asked_and_never_on_an_error(tmp_path: Path) -> None:
+    paths = [*map(str, write_digits(tmp_path, 4)), str(tmp_path / "missing.png")]
+    settings = _settings(tmp_path)
+    # confidences 0.5, 0.51, 0.52, 0.53; the second is not a digit; the model recommends 0.515
+    batcher = FakeBatcher(not_digit=(1,), review_below=0.515)
+    off = classify_paths(settings, batcher, ClassifyRequest(paths=paths, review_below=0.9))
+    assert [r.review for r in off] == [None] * 5  # review=False: not judged, whatever P says
+    own = classify_paths(settings, batcher, ClassifyRequest(paths=paths, review=True, review_below=0.525))
+    assert [r.review for r in own] == [LOW, NOT_DIGIT, LOW, None, None]
+    assert [r.digit for r in own] == [0, 1, 2, 3, None]  # sent to review, still classified
+    assert own[4].error_kind == ErrorKind.NOT_FOUND
+    auto = classify_paths(settings, batcher, ClassifyRequest(paths=paths, review=True))
+    assert [r.review for r in auto] == [LOW, NOT_DIGIT, None, None, None]  # the model's 0.515
+    assert "review" not in off[0].to_dict() and own[0].to_dict()["review"] == "low confidence"
+
+
+def test_review_with_no_threshold_anywhere_uses_the_fallback_and_says_so_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    paths = [str(p) for p in write_digits(tmp_path, 8)]
+    batcher = FakeBatcher(base=FALLBACK_REVIEW_BELOW - 0.045)  # rows 0-4 under it, 5-7 not
+    batcher.version = "no-threshold-v1"
+    caplog.set_level(logging.WARNING, "mnistq.worker")
+    for _ in range(2):
+        results = classify_paths(_settings(tmp_path), batcher, ClassifyRequest(paths=paths, review=True))
+        assert [r.review for r in results] == [LOW] * 5 + [None] * 3
+    said = [m for m in caplog.messages if "recommends no review threshold" in m]
+    assert len(said) == 1 and f"review below {FALLBACK_REVIEW_BELOW:g}" in said[0], said
+
+
 def test_unexpected_decoder_error_is_that_files_unreadable(tmp_path: Path, monkeypatch) -> None:
     paths = [str(p) for p in write_digits(tmp_path, 3)]
-    real = worker.runtime.load_image
+    real = mnistq.images.read_luminance
 
-    def flaky(path: Path, max_pixels: int) -> np.ndarray:
+    def flaky(path: Path, *args) -> np.ndarray:
         if str(path) == paths[1]:
             raise ZeroDivisionError("decoder bug")
-        return real(path, max_pixels)
+        return real(path, *args)
 
-    monkeypatch.setattr(worker.runtime, "load_image", flaky)
+    monkeypatch.setattr(mnistq.images, "read_luminance", flaky)
     results = classify_paths(_settings(tmp_path), FakeBatcher(), ClassifyRequest(paths=paths))
     assert [r.error_kind for r in results] == [None, ErrorKind.UNREADABLE, None]
     assert "ZeroDivisionError: decoder bug" in (results[1].error or "")

@@ -73,6 +73,9 @@ def test_values_are_parsed_by_type(tmp_path: Path) -> None:
         ("MNISTQ_POOL", "gevent"),
         ("MNISTQ_LOG_LEVEL", "LOUD"),
         ("MNISTQ_BATCH_SIZE", "many"),  # an alias names itself
+        ("MNISTQ_REVIEW_BELOW", "1.5"),  # a probability: 0 < P < 1
+        ("MNISTQ_REVIEW_BELOW", "0"),
+        ("MNISTQ_REVIEW_BELOW", "sometimes"),
     ],
 )
 def test_a_bad_value_is_a_config_error_naming_its_variable(variable: str, value: str) -> None:
@@ -80,6 +83,25 @@ def test_a_bad_value_is_a_config_error_naming_its_variable(variable: str, value:
         Settings.from_env({variable: value})
     assert caught.value.exit_code == ExitCode.CONFIG
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("raw", "value"),
+    [("0.9", 0.9), (" 0.25 ", 0.25), ("auto", "auto"), ("Recommended", "auto"), ("off", None), ("", None)],
+)
+def test_the_review_threshold_is_off_a_number_or_the_models_own(raw: str, value: object) -> None:
+    assert Settings.from_env({"MNISTQ_REVIEW_BELOW": raw}).review_below == value
+
+
+def test_a_bad_review_threshold_says_what_would_do() -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"MNISTQ_REVIEW_BELOW": "95%"})
+    assert str(caught.value) == (
+        "MNISTQ_REVIEW_BELOW: '95%' is not a valid value (expected a number between 0 and 1, such as "
+        "0.9, auto for the model's recommended threshold, or off)"
+    )
+    with pytest.raises(ConfigError, match="MNISTQ_REVIEW_BELOW"):
+        Settings().with_(review_below=1.0)
 
 
 def test_the_log_level_is_case_blind() -> None:

@@ -125,6 +125,9 @@ def _on_worker_ready(**_: Any) -> None:
     warnings.filterwarnings(
         "ignore", r"\s*In Celery 5\.1 we introduced an optional breaking", CPendingDeprecationWarning
     )
+    # The model was loaded before Celery set up logging (worker_init), so its line went nowhere.
+    if _runtime is not None and (serving := _runtime.serving()):
+        log.info("%s", serving)
 
 
 @signals.worker_process_init.connect

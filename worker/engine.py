@@ -3,7 +3,9 @@
 Many task threads submit decoded images; one inference thread coalesces whatever is waiting
 (up to ``forward_batch`` images, waiting at most ``coalesce_wait_ms`` for more) into one forward
 pass. Decoding keeps running in the task threads meanwhile, so the cores are not idle while the
-model works. The model itself runs through ``trainer.model.predict_probs``.
+model works. The model runs through ``trainer.model.predict_logits``, and the checkpoint's
+``Calibration`` turns the logits into the served (calibrated) probabilities and the not-a-digit
+judgement; model and calibration are one version, installed and swapped together.
 """
 
 from __future__ import annotations
@@ -23,7 +25,15 @@ import numpy as np
 import torch
 
 from mnistq.settings import Settings, cores
-from trainer.model import Checkpoint, load_checkpoint, pick_device, pick_precision, predict_probs, prepare
+from trainer.model import (
+    Calibration,
+    Checkpoint,
+    load_checkpoint,
+    pick_device,
+    pick_precision,
+    predict_logits,
+    prepare,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +53,45 @@ def cpu_threads(processes: int) -> int:
 
 @dataclass
 class Prediction:
-    """Class probabilities for one request's images, and the forward pass they rode in."""
+    """Calibrated class probabilities for one request's images, and the forward pass they rode
+    in; everything in it comes from one model version."""
 
     probs: np.ndarray  # [N, 10]
     version: str
     forward_ms: float  # the whole forward pass, shared by every request in it
     batch_size: int  # images in that forward pass
+    not_digit: np.ndarray | None = None  # [N] bool: judged not a digit (None: none is)
+    review_below: float | None = None  # the model's recommended review threshold, if it has one
+
+    def slice(self, start: int, end: int) -> Prediction:
+        """The rows of one request of a coalesced pass."""
+        nd = None if self.not_digit is None else self.not_digit[start:end]
+        return Prediction(
+            self.probs[start:end], self.version, self.forward_ms, self.batch_size, nd, self.review_below
+        )
+
+
+@dataclass(frozen=True)
+class _Served:
+    """What serves together: one checkpoint's model, constants and calibration."""
+
+    model: torch.nn.Module
+    version: str
+    mean: float
+    std: float
+    calibration: Calibration
+
+
+def describe(calibration: Calibration) -> str:
+    """The calibration in a log line."""
+    if not calibration.fitted:
+        return "uncalibrated (temperature 1, no recommended review threshold)"
+    below = calibration.review_below
+    return (
+        f"calibrated (temperature {calibration.temperature:.3g}, recommended review below "
+        f"{'none' if below is None else f'{below:g}'}, "
+        f"not-a-digit check {'on' if calibration.digit_score_below is not None else 'off'})"
+    )
 
 
 class Engine:
@@ -66,18 +109,28 @@ class Engine:
         # Warm up so the first real batch does not pay for oneDNN's kernel selection.
         self.infer(np.zeros((8, 28, 28), dtype=np.float32))
 
+    @property
+    def version(self) -> str:
+        return self._served.version
+
+    @property
+    def calibration(self) -> Calibration:
+        return self._served.calibration
+
     def _install(self, ckpt: Checkpoint) -> None:
-        # Everything that may fail first: nothing is replaced until all of it has not.
+        # Everything that may fail first: nothing is replaced until all of it has not. One
+        # assignment swaps model and calibration together: a pass never mixes two versions.
         mean, std = float(ckpt.meta["mean"]), float(ckpt.meta["std"])
         model = prepare(ckpt.model, self.device)
-        self.model, self.version, self.mean, self.std = model, ckpt.version, mean, std
+        self._served = _Served(model, ckpt.version, mean, std, ckpt.calibration)
         log.info(
-            "model %s version %s on %s %s, %d threads",
+            "model %s version %s on %s %s, %d threads, %s",
             self.path,
             self.version,
             self.device,
             self.precision,
             torch.get_num_threads(),
+            describe(ckpt.calibration),
         )
 
     def maybe_reload(self) -> None:
@@ -99,15 +152,25 @@ class Engine:
 
     def infer(self, images: np.ndarray) -> Prediction:
         t0 = time.perf_counter()
+        served = self._served
         x = torch.from_numpy(images).unsqueeze(1)
-        probs = predict_probs(self.model, x, self.mean, self.std, self.device, self.precision)
-        return Prediction(probs.numpy(), self.version, (time.perf_counter() - t0) * 1000, len(x))
+        logits = predict_logits(served.model, x, served.mean, served.std, self.device, self.precision)
+        cal = served.calibration
+        return Prediction(
+            cal.probs(logits).numpy(),
+            served.version,
+            (time.perf_counter() - t0) * 1000,
+            len(x),
+            not_digit=cal.not_digit(logits).numpy(),
+            review_below=cal.review_below,
+        )
 
 
 class Model(Protocol):
     """What the batcher needs of an engine (tests pass a fake)."""
 
-    version: str
+    @property
+    def version(self) -> str: ...
 
     def maybe_reload(self) -> None: ...
 
@@ -187,9 +250,7 @@ class Batcher:
             start = 0
             for images, fut in items:
                 end = start + len(images)
-                fut.set_result(
-                    Prediction(pred.probs[start:end], pred.version, pred.forward_ms, pred.batch_size)
-                )
+                fut.set_result(pred.slice(start, end))
                 start = end
             if self.on_batch:
                 self.on_batch(pred.batch_size, pred.forward_ms)

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from mnistq.errors import ImageError
-from mnistq.images import load_image
-from mnistq.protocol import ClassifyRequest, ErrorKind, Result
+from mnistq.images import load_images
+from mnistq.protocol import FALLBACK_REVIEW_BELOW, ClassifyRequest, ErrorKind, Result, ReviewReason
 from mnistq.settings import Settings
 from worker.paths import checked_path
 
@@ -139,6 +139,15 @@ class Runtime:
             return {"version": self.start_version, "device": "prefork", "precision": "(version at start)"}
         return {"version": engine.version, "device": str(engine.device), "precision": engine.precision}
 
+    def serving(self) -> str | None:
+        """The model this process serves, in words (None in a prefork parent)."""
+        from worker.engine import describe
+
+        engine = self.engine
+        if engine is None:
+            return None
+        return f"serving model {engine.path} version {engine.version}, {describe(engine.calibration)}"
+
     def _on_batch(self, images: int, forward_ms: float) -> None:
         log.debug("forward pass of %d images in %.1f ms", images, forward_ms)
         tick = self.stats.add(images)
@@ -152,28 +161,65 @@ class Runtime:
             )
 
 
+#: model versions already said to have no recommended review threshold (one line each)
+_fallback_said: set[str] = set()
+
+
+def review_threshold(request: ClassifyRequest, pred: Prediction) -> float:
+    """The P a request's images are judged by: its own, else the serving model's recommended
+    one, else FALLBACK_REVIEW_BELOW (said once per model version)."""
+    if request.review_below is not None:
+        return request.review_below
+    if pred.review_below is not None:
+        return pred.review_below
+    if pred.version not in _fallback_said:
+        _fallback_said.add(pred.version)
+        log.warning(
+            "model %s recommends no review threshold (a checkpoint from before calibration): "
+            "review below %g, unless a request gives its own P",
+            pred.version,
+            FALLBACK_REVIEW_BELOW,
+        )
+    return FALLBACK_REVIEW_BELOW
+
+
+def review_reason(confidence: float, not_digit: bool, below: float) -> str | None:
+    """Why a classified image goes to review, or None: not a digit first, then low confidence."""
+    if not_digit:
+        return ReviewReason.NOT_DIGIT.value
+    if confidence < below:
+        return ReviewReason.LOW_CONFIDENCE.value
+    return None
+
+
 def classify_paths(
     settings: Settings, batcher: Predictor, request: ClassifyRequest, hostname: str | None = None
 ) -> list[Result]:
     """One result per path, in order. A bad file gets its own error result and never fails the
-    batch; a failed forward pass gives its images an ``internal`` error."""
+    batch; a failed forward pass gives its images an ``internal`` error. With ``request.review``,
+    each classified image is judged for review here, by the model that classified it (an error
+    result never is: a blank image keeps its no_digit error)."""
     ids, roots = request.ids, settings.roots()
     t0 = time.perf_counter()
     results: list[Result] = []
     arrays, slots = [], []
+    checked, checked_slots = [], []
     for i, raw in enumerate(request.paths):
         result = Result(path=raw, id=ids[i] if ids else None, worker=hostname)
+        results.append(result)
         try:
             # checked_path refuses a path outside the roots before anything opens it.
-            arrays.append(load_image(checked_path(raw, roots), settings.max_pixels))
+            checked.append(checked_path(raw, roots))
+            checked_slots.append(i)
+        except Exception as e:
+            _file_error(result, e)
+    # One call for the message's files: small 8-bit images of one size are normalised together.
+    for i, got in zip(checked_slots, load_images(checked, settings.max_pixels), strict=True):
+        if isinstance(got, Exception):
+            _file_error(results[i], got)
+        else:
+            arrays.append(got)
             slots.append(i)
-        except ImageError as e:
-            result.error, result.error_kind = str(e), e.kind
-        except Exception as e:  # an unexpected decoder failure is still this file's result
-            log.warning("unexpected error reading %s", raw, exc_info=True)
-            result.error = f"cannot read image: {type(e).__name__}: {e}"
-            result.error_kind = ErrorKind.UNREADABLE
-        results.append(result)
     decode_ms = round((time.perf_counter() - t0) * 1000 / max(1, len(request.paths)), 3)
     version, forward_ms, batch_size = batcher.version, 0.0, 0
     if arrays:
@@ -185,18 +231,32 @@ def classify_paths(
                 results[slot].error_kind = ErrorKind.INTERNAL
         else:
             version, forward_ms, batch_size = pred.version, pred.forward_ms, pred.batch_size
-            for slot, probs in zip(slots, pred.probs, strict=True):
+            below = review_threshold(request, pred) if request.review else None
+            not_digit = pred.not_digit if pred.not_digit is not None else np.zeros(len(slots), bool)
+            for slot, probs, odd in zip(slots, pred.probs, not_digit, strict=True):
                 r = results[slot]
                 r.digit = int(probs.argmax())
                 r.confidence = round(float(probs[r.digit]), 6)
                 if request.probabilities:
                     r.probabilities = [round(float(p), 5) for p in probs]
+                if below is not None:  # judged on the confidence the result carries
+                    r.review = review_reason(r.confidence, bool(odd), below)
     for r in results:
         r.model_version = version
         r.decode_ms_per_image = decode_ms
         r.forward_ms_per_batch = round(forward_ms, 3)
         r.forward_batch_size = batch_size
     return results
+
+
+def _file_error(result: Result, e: Exception) -> None:
+    """This file's error on its own result; an unexpected one (a decoder's or ours) is logged."""
+    if isinstance(e, ImageError):
+        result.error, result.error_kind = str(e), e.kind
+        return
+    log.warning("unexpected error reading %s", result.path, exc_info=e)
+    result.error = f"cannot read image: {type(e).__name__}: {e}"
+    result.error_kind = ErrorKind.UNREADABLE
 
 
 def internal_failure(request: ClassifyRequest, error: Exception, hostname: str | None) -> list[Result]:
