@@ -42,6 +42,7 @@ from realworld import photograph
 import mnistq.images as mi
 import mnistq.images_reference as ir
 import mnistq.normalise as nz
+import mnistq.safeopen
 from trainer.data import load_split
 from worker.paths import checked_path
 
@@ -312,7 +313,7 @@ def main() -> None:
     print(
         f"CPU flags: {' '.join(flags) or 'none of avx512_bf16/amx'}; {len(os.sched_getaffinity(0))} cores; "
         f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; Pillow {PIL.__version__}, "
-        f"numpy {np.__version__}; openat2: {'yes' if mi._open_folder else 'no (the walk)'}"
+        f"numpy {np.__version__}; openat2: {'yes' if mnistq.safeopen._open_folder else 'no (the walk)'}"
     )
     tmp = Path(tempfile.mkdtemp(prefix="mnistq-bench-images-"))
     if args.mnist:

@@ -15,6 +15,7 @@ from PIL import Image
 
 import mnistq.images
 import mnistq.images_reference
+import mnistq.safeopen
 from mnistq.errors import ImageError
 from mnistq.images import FORMATS, MIN_SIDE, load_image
 from mnistq.protocol import EXTENSIONS, ErrorKind
@@ -168,7 +169,7 @@ def test_openat2_and_the_walk_say_the_same(tmp_path: Path, monkeypatch) -> None:
     ]
     walk = [_outcome(lambda p: mnistq.images.read_luminance(p, walk=True), p) for p in paths]
     served = [_outcome(mnistq.images.read_luminance, p) for p in paths]
-    monkeypatch.setattr(mnistq.images, "_open_folder", None)  # no openat2: the walk serves
+    monkeypatch.setattr(mnistq.safeopen, "_open_folder", None)  # no openat2: the walk serves
     fallback = [_outcome(mnistq.images.read_luminance, p) for p in paths]
     assert served == walk == fallback
     assert walk[:5] == [
@@ -183,7 +184,7 @@ def test_openat2_and_the_walk_say_the_same(tmp_path: Path, monkeypatch) -> None:
             read(str(real / "two.png") + "\0")
 
 
-@pytest.mark.skipif(mnistq.images._open_folder is None, reason="no openat2 here: the walk serves")
+@pytest.mark.skipif(mnistq.safeopen._open_folder is None, reason="no openat2 here: the walk serves")
 def test_openat2_opens_the_folder_in_one_call(tmp_path: Path, monkeypatch) -> None:
     deep = tmp_path / "a" / "b" / "c"
     deep.mkdir(parents=True)
