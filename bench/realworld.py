@@ -10,6 +10,10 @@ seed's preprocessing (grayscale, resize the whole image to 28x28, ToTensor) and 
 
 ``--upscale`` enlarges each photo before it is saved, as a camera of higher resolution would
 see the same page; mnistq/images.py then decodes it small (JPEG draft mode, see MIN_SIDE).
+
+Beside the accuracy: the expected calibration error (15 bins) of the confidence at temperature 1
+and with the checkpoint's calibration, on these photos rather than on MNIST itself, and the share
+a run would send to review at the checkpoint's recommended P (judged not a digit, or less sure).
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ from PIL import Image, ImageFilter
 
 from mnistq.images import load_image
 from mnistq.settings import Settings
+from trainer.calibrate import ece, to_review
 from trainer.data import load_split
-from trainer.model import load_checkpoint, pick_device, pick_precision, predict_probs, prepare
+from trainer.model import Calibration, load_checkpoint, pick_device, pick_precision, predict_logits, prepare
 
 
 def photograph(digit: np.ndarray, rng: np.random.Generator, upscale: float = 1.0) -> Image.Image:
@@ -61,6 +66,9 @@ def main() -> None:
     p.add_argument(
         "--upscale", type=float, default=1.0, help="enlarge each photo this much (default: %(default)s)"
     )
+    p.add_argument(
+        "--model", type=Path, default=None, help="checkpoint (default: MNISTQ_MODEL or the shipped model)"
+    )
     args = p.parse_args()
     x, y, _ = load_split(args.data_dir, "test")
     rng = np.random.default_rng(0)
@@ -70,7 +78,7 @@ def main() -> None:
         path = folder / f"{i:05d}.jpg"
         photograph(x[i, 0].numpy(), rng, args.upscale).save(path, quality=90)
         paths.append(path)
-    ckpt = load_checkpoint(Settings.from_env().model)
+    ckpt = load_checkpoint(args.model or Settings.from_env().model)
     device = pick_device("auto")
     model, precision = prepare(ckpt.model, device), pick_precision(device)
     labels = y[: args.images]
@@ -80,9 +88,20 @@ def main() -> None:
         ("ours: MNIST-style normalisation", load_image),
     ):
         batch = torch.from_numpy(np.stack([prep(q) for q in paths])).unsqueeze(1)
-        pred = predict_probs(model, batch, ckpt.meta["mean"], ckpt.meta["std"], device, precision).argmax(1)
-        rows.append([name, args.images, f"{float((pred == labels).float().mean()):.2%}"])
-    print(table(rows, ["preprocessing", "images", "accuracy"]))
+        logits = predict_logits(model, batch, ckpt.meta["mean"], ckpt.meta["std"], device, precision)
+        accuracy = float((logits.argmax(1) == labels).float().mean())
+        raw, calibrated = (
+            ece(Calibration().probs(logits), labels),
+            ece(ckpt.calibration.probs(logits), labels),
+        )
+        sent = float(to_review(ckpt.calibration, logits, ckpt.calibration.review_below).float().mean())
+        rows.append([name, args.images, f"{accuracy:.2%}", f"{raw:.2%}", f"{calibrated:.2%}", f"{sent:.2%}"])
+    cal = ckpt.calibration
+    print(
+        f"model {ckpt.version}, temperature {cal.temperature:.4f}" + ("" if cal.fitted else " (uncalibrated)")
+    )
+    headers = ["preprocessing", "images", "accuracy", "ECE (T=1)", "ECE (calibrated)", "to review"]
+    print(table(rows, headers))
 
 
 if __name__ == "__main__":

@@ -5,10 +5,9 @@ mode puts this folder on sys.path, so tests import it as ``from helpers_images i
 
 The digit images are rendered from Pillow's bundled font (``ImageFont.load_default(size=...)``,
 FreeType) and passed through ``mnistq.images.normalise``, so they exist on every machine without
-the MNIST files. The shipped model reads each digit in ``DIGITS`` as itself with confidence > 0.9
-(the model was trained with label smoothing 0.1, so ~0.95 is its ceiling); the stroke widths
-below were picked by sweeping widths 0-11 for every digit and keeping the middle of a range
-that classifies confidently. Digits left out (1 has a flag and reads as 7, the font's 4, 6, 9
+the MNIST files. The shipped model reads each digit in ``DIGITS`` as itself with a calibrated confidence
+> 0.9 (as served; the stroke widths below were picked, on an earlier model, by sweeping widths
+0-11 for every digit and keeping the middle of a range that classifies confidently). Digits left out (1 has a flag and reads as 7, the font's 4, 6, 9
 and 3 are below 0.9) are still fine for the synthetic training set.
 """
 

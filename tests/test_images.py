@@ -121,8 +121,12 @@ def classify(ckpt, arrays: list[np.ndarray]) -> list[int]:
 
 
 def test_rendered_digits_are_read_confidently(ckpt):
+    """Confident as served: through the model's calibration, as the worker and predict give it."""
     x = torch.from_numpy(np.stack([digit_image(d) for d in DIGITS])).unsqueeze(1)
-    probs = predict_probs(ckpt.model, x, ckpt.meta["mean"], ckpt.meta["std"], torch.device("cpu"), "fp32")
+    cpu = torch.device("cpu")
+    probs = predict_probs(
+        ckpt.model, x, ckpt.meta["mean"], ckpt.meta["std"], cpu, "fp32", calibration=ckpt.calibration
+    )
     conf, pred = probs.max(1)
     assert pred.tolist() == list(DIGITS)
     assert conf.min().item() > 0.9, conf.tolist()

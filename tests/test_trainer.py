@@ -13,6 +13,7 @@ from helpers_images import REAL_DATA, SHIPPED_MODEL, make_tiny_mnist, run_mnistq
 from trainer import data
 from trainer.model import (
     ARCH,
+    Calibration,
     Net,
     bf16_supported,
     inference_chunk,
@@ -77,7 +78,10 @@ def test_train_writes_a_complete_checkpoint(trained, tiny):
     ):
         assert key in meta, key
     assert meta["arch"] == ARCH
-    assert meta["epochs"] == 1 and meta["seed"] == 1 and meta["train_images"] == 300
+    assert meta["epochs"] == 1 and meta["seed"] == 1
+    # A fifth of the 300 is held out for the calibration (the default 5000 is capped to it).
+    assert (meta["train_images"], meta["holdout_images"]) == (240, 60)
+    assert meta["outliers"] == meta["printed_digits"] == 240  # capped: no more than the digits
     # The recorded accuracy is the saved weights' accuracy on the test split, recomputed here.
     x, y, _ = data.load_split(tiny, "test")
     cpu = torch.device("cpu")
@@ -96,7 +100,8 @@ def test_train_writes_a_complete_checkpoint(trained, tiny):
     }
     assert meta["versions"]["torch"] == str(torch.__version__)
     assert datetime.fromisoformat(meta["created"]).tzinfo is not None
-    assert meta["version"] == weights_version(raw["model"])
+    assert meta["version"] == weights_version(raw["model"], Calibration.from_meta(meta))
+    assert Calibration.from_meta(meta).fitted and "temperature" in meta["calibration"]
     assert f"version {meta['version']}" in r.stdout
 
 
@@ -106,14 +111,15 @@ def test_weights_version_is_a_content_hash(trained):
     ckpt = load_checkpoint(out)
     shipped = load_checkpoint(SHIPPED_MODEL)
     state = ckpt.model.state_dict()
-    assert ckpt.version == ckpt.meta["version"] == weights_version(state)
-    assert weights_version({k: v.clone() for k, v in state.items()}) == ckpt.version
+    cal = ckpt.calibration
+    assert ckpt.version == ckpt.meta["version"] == weights_version(state, cal)
+    assert weights_version({k: v.clone() for k, v in state.items()}, cal) == ckpt.version
     assert load_checkpoint(out).version == ckpt.version  # stable across loads
     assert shipped.version != ckpt.version
 
     changed = {k: v.clone() for k, v in state.items()}
     changed["0.bias"][0] += 1e-3
-    assert weights_version(changed) != ckpt.version
+    assert weights_version(changed, cal) != ckpt.version
 
 
 def test_training_learns_the_tiny_set(tiny, tmp_path):
@@ -134,24 +140,32 @@ def test_training_learns_the_tiny_set(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("micro", [64, 32, 7])
-def test_passes_accumulate_the_whole_batch_gradient(micro):
+@pytest.mark.parametrize("outliers", [0, 30])
+def test_passes_accumulate_the_whole_batch_gradient(micro, outliers):
     """A batch run as several smaller passes (the fp32 CPU default) gets the gradient and loss
-    of one whole pass: a speed choice, not a change of recipe."""
+    of one whole pass: a speed choice, not a change of recipe; non-digits (label -1) included."""
     from trainer.train import backward_in_passes
 
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(100, 1, 28, 28, generator=gen), torch.randint(0, 10, (100,), generator=gen)
+    y[len(y) - outliers :] = -1
     cpu = torch.device("cpu")
     model = Net()
     results = []
     for m in (100, micro):
         model.zero_grad(set_to_none=True)
-        loss = backward_in_passes(model, x, y, m, 0.1, cpu, "fp32")
+        loss = backward_in_passes(model, x, y, m, 0.1, cpu, "fp32", 0.5)
         results.append((loss, [p.grad.clone() for p in model.parameters()]))
     (whole_loss, whole), (loss, grads) = results
     torch.testing.assert_close(loss, whole_loss)
     for g, w in zip(grads, whole, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    # The whole-batch loss, computed here: digits' smoothed cross-entropy + 0.5 x uniform's.
+    with torch.no_grad():
+        z = model(x)
+        digit = torch.nn.functional.cross_entropy(z[y >= 0], y[y >= 0], label_smoothing=0.1)
+        uniform = (torch.logsumexp(z[y < 0], 1) - z[y < 0].mean(1)).mean() if outliers else 0.0
+    torch.testing.assert_close(whole_loss, digit + 0.5 * uniform, rtol=1e-5, atol=1e-6)
 
 
 # --- evaluation ---------------------------------------------------------------------------------
@@ -159,7 +173,7 @@ def test_passes_accumulate_the_whole_batch_gradient(micro):
 
 @CLI_TIMEOUT
 def test_evaluate_json_on_the_tiny_set(tiny, tmp_path):
-    args = ("--json", "--data-dir", tiny, "--device", "cpu", "--precision", "fp32")
+    args = ("--json", "--data-dir", tiny, "--device", "cpu", "--precision", "fp32", "--nondigits", "30")
     r = run_mnistq("evaluate", *args, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout.strip().splitlines()[-1])

@@ -161,3 +161,13 @@ def load_split(data_dir: Path, split: str) -> tuple[torch.Tensor, torch.Tensor, 
     x = torch.from_numpy(images.copy()).unsqueeze(1)
     y = torch.from_numpy(labels.astype(np.int64))
     return x, y, h.hexdigest()[:16]
+
+
+def hold_out(
+    x: torch.Tensor, y: torch.Tensor, n: int
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """((train images, labels), (held-out images, labels)): the last ``n`` images, at most a fifth
+    of the set (so a small set still trains), are held out; training never sees them."""
+    n = min(n, len(x) // 5)
+    cut = len(x) - n
+    return (x[:cut], y[:cut]), (x[cut:], y[cut:])

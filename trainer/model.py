@@ -80,10 +80,15 @@ class Calibration:
         return torch.softmax(logits.float() / self.temperature, dim=1)
 
     def digit_score(self, logits: torch.Tensor) -> torch.Tensor:
-        """How much the image looks like any digit: ``T * logsumexp(logits / T)`` (the negative
-        free energy). Higher is more digit-like; [N] float32."""
+        """How much the image looks like any digit: ``T * logsumexp(logits / T) - mean(logits)``,
+        the negative free energy measured from the logits' mean (T times the cross-entropy of
+        the calibrated probabilities to the uniform distribution). Training pushes non-digits
+        towards uniform (outlier exposure), so this is what it learns to keep low; it caught more
+        generated non-digits at the same share of digits than the free energy, the top logit or
+        the top probability did. Higher is more digit-like; [N] float32."""
         t = self.temperature
-        return t * torch.logsumexp(logits.float() / t, dim=1)
+        z = logits.float()
+        return t * torch.logsumexp(z / t, dim=1) - z.mean(dim=1)
 
     def not_digit(self, logits: torch.Tensor) -> torch.Tensor:
         """[N] bool: judged not a digit (all False without a stored threshold)."""

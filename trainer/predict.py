@@ -1,4 +1,7 @@
-"""`mnistq predict IMAGE...`: classify files in this process (no queue), as the seed did."""
+"""`mnistq predict IMAGE...`: classify files in this process (no queue), as the seed did.
+
+The confidence is calibrated (the checkpoint's temperature); a line ends with why a run would
+send the file to review: judged not a digit, or a confidence under the recommended P."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import torch
 from mnistq.errors import ImageError
 from mnistq.images import load_image
 from mnistq.settings import Settings
-from trainer.model import load_checkpoint, pick_device, pick_precision, predict_probs, prepare
+from trainer.model import Checkpoint, load_checkpoint, pick_device, pick_precision, predict_logits, prepare
 
 
 def _resolved(path: Path) -> Path:
@@ -21,6 +24,16 @@ def _resolved(path: Path) -> Path:
         return path.resolve()
     except (OSError, RuntimeError):  # a link loop: load_image refuses the link itself
         return path
+
+
+def verdict(ckpt: Checkpoint, not_digit: bool, confidence: float) -> str:
+    """What a run would do with the file: why it goes to review, or nothing."""
+    cal = ckpt.calibration
+    if not_digit:
+        return "; review: judged not a digit"
+    if cal.review_below is not None and confidence < cal.review_below:
+        return f"; review: confidence under the recommended {cal.review_below:.3g}"
+    return ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,15 +65,19 @@ def main(argv: list[str] | None = None) -> int:
         except ImageError as e:
             print(f"{path}: error: {e}", file=sys.stderr)
             failed += 1
+    # an old checkpoint serves temperature 1: say so on the line itself, where it is read
+    raw = "" if ckpt.calibration.fitted else ", uncalibrated"
     if arrays:
         x = torch.from_numpy(np.stack(arrays)).unsqueeze(1)
-        probs = predict_probs(model, x, ckpt.meta["mean"], ckpt.meta["std"], device, precision)
-        conf, digit = probs.max(1)
-        for path, d, c in zip(ok, digit.tolist(), conf.tolist(), strict=True):
+        logits = predict_logits(model, x, ckpt.meta["mean"], ckpt.meta["std"], device, precision)
+        conf, digit = ckpt.calibration.probs(logits).max(1)
+        odd = ckpt.calibration.not_digit(logits).tolist()
+        for path, d, c, nd in zip(ok, digit.tolist(), conf.tolist(), odd, strict=True):
+            note = verdict(ckpt, nd, c)
             if len(args.images) == 1:
-                print(f"Predicted Digit: {d}  (confidence {c:.3f}, model {ckpt.version})")
+                print(f"Predicted Digit: {d}  (confidence {c:.3f}, model {ckpt.version}{raw}){note}")
             else:
-                print(f"{path}: Predicted Digit: {d}  (confidence {c:.3f})")
+                print(f"{path}: Predicted Digit: {d}  (confidence {c:.3f}{raw}){note}")
     return 1 if failed else 0
 
 

@@ -4,6 +4,11 @@ Kept from the seed: the layers, cross-entropy, Adam-family optimiser, 10 epochs.
 Ours: the whole data set resident as one uint8 tensor (no per-sample DataLoader), AdamW with a
 OneCycle schedule, label smoothing, augmentation on whole batches (shift, rotation, scale, so
 off-centre real-world digits still read), an EMA of the weights, bf16 where the hardware has it.
+
+For calibrated confidence and the "not a digit" judgement: the last --holdout training images
+are never trained on; generated non-digits (trainer/nondigits.py) join every batch with uniform
+targets (outlier exposure); after training, trainer/calibrate.py fits the temperature and the
+review thresholds on the held-out images, stored in the checkpoint (and its version).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from mnistq.settings import DEFAULT_MODEL
-from trainer import data, publish
+from trainer import calibrate, data, publish
 from trainer.model import (
     ARCH,
     MNIST_MEAN,
@@ -66,17 +71,32 @@ def backward_in_passes(
     label_smoothing: float,
     device: torch.device,
     precision: str,
+    outlier_weight: float = 0.5,
 ) -> torch.Tensor:
-    """Gradients of the batch's mean loss, accumulated over passes of ``micro`` images.
+    """Gradients of the batch's loss, accumulated over passes of ``micro`` images.
 
-    The same gradients as one pass over the whole batch (up to rounding): a cache-sized pass is
-    a speed choice, not a change of recipe. Returns the batch's mean loss, detached.
+    The loss: the mean cross-entropy of the digits, plus ``outlier_weight`` times the mean
+    cross-entropy to the uniform distribution of the non-digits (label -1; outlier exposure,
+    Hendrycks et al., 2019). The same gradients as one pass over the whole batch (up to
+    rounding): a cache-sized pass is a speed choice, not a change of recipe. Returns the batch's
+    loss, detached.
     """
+    outlier = yb < 0
+    n_out = int(outlier.sum())
+    n_digits = len(yb) - n_out
     total = torch.zeros((), device=xb.device)
     for xc, yc in zip(xb.split(micro), yb.split(micro), strict=True):
+        out_c = yc < 0
         with autocast(device, precision):
-            loss = F.cross_entropy(model(xc), yc, label_smoothing=label_smoothing)
-        loss = loss * (len(yc) / len(yb))
+            logits = model(xc)
+        loss = torch.zeros((), device=xb.device)
+        if n_digits and not out_c.all():
+            ce = F.cross_entropy(logits[~out_c], yc[~out_c], label_smoothing=label_smoothing, reduction="sum")
+            loss = loss + ce / n_digits
+        if n_out and out_c.any():
+            z = logits[out_c].float()
+            uniform = (torch.logsumexp(z, 1) - z.mean(1)).sum()  # cross-entropy to 1/10 each
+            loss = loss + outlier_weight * uniform / n_out
         loss.backward()
         total += loss.detach()
     return total
@@ -158,11 +178,57 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--limit",
         type=int,
         default=0,
-        help="use only the first N training images, 0 for all (default: %(default)s)",
+        help="use only the first N training images (after the hold-out), 0 for all (default: %(default)s)",
+    )
+    a(
+        "--holdout",
+        type=int,
+        default=5000,
+        help="the last N training images are never trained on: the temperature and the review "
+        "thresholds are fitted on them (at most a fifth of the set) (default: %(default)s)",
+    )
+    a(
+        "--outliers",
+        type=int,
+        default=24000,
+        help="generated non-digits (trainer/nondigits.py's training family; at most one per "
+        "training digit) made once at the start and mixed into every batch with uniform targets "
+        "(outlier exposure), 0 to disable (default: %(default)s)",
+    )
+    a(
+        "--printed",
+        type=int,
+        default=5000,
+        help="digits rendered in the non-digits' font, labelled, among the non-digits (at most "
+        "as many), so that the font does not mark a non-digit; 0 for none (default: %(default)s)",
+    )
+    a(
+        "--outlier-batch",
+        type=int,
+        default=32,
+        help="non-digits and printed digits added to each batch of --batch-size digits "
+        "(default: %(default)s)",
+    )
+    a(
+        "--outlier-weight",
+        type=float,
+        default=0.5,
+        help="weight of the non-digits' cross-entropy to the uniform distribution (default: %(default)s)",
+    )
+    a(
+        "--review-budget",
+        type=float,
+        default=0.015,
+        help="share of held-out digits the recommended thresholds send to review (MNIST's test "
+        "digits come out a little under it) (default: %(default)s)",
     )
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.micro_batch < 0:
         p.error("--batch-size must be >= 1 and --micro-batch >= 0")
+    if min(args.holdout, args.outliers, args.printed, args.outlier_batch) < 0:
+        p.error("--holdout, --outliers, --printed and --outlier-batch must be >= 0")
+    if not 0 <= args.review_budget < 1:
+        p.error("--review-budget must be in [0, 1)")
     return args
 
 
@@ -177,18 +243,31 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     precision = pick_precision(device, args.precision)
     old = publish.previous(args.out, args.force)  # before hours of training, not after
     raw = data.find(args.data_dir)
-    x_train, y_train, h_train = data.load_split(raw, "train")
+    x_all, y_all, h_train = data.load_split(raw, "train")
     x_test, y_test, h_test = data.load_split(raw, "test")
+    (x_train, y_train), (x_hold, y_hold) = data.hold_out(x_all, y_all, args.holdout)
     if args.limit:
         x_train, y_train = x_train[: args.limit], y_train[: args.limit]
+    t_start = time.perf_counter()
+    # no more non-digits than digits: a small set (a test's) is not buried under them
+    bank = calibrate.outlier_bank(min(args.outliers, len(x_train)), args.seed, x_train, y_train)
+    printed, printed_y = calibrate.printed_bank(min(args.printed, len(bank)), args.seed)
+    print(
+        f"{len(bank)} generated non-digits for outlier exposure and {len(printed)} printed digits, "
+        f"{time.perf_counter() - t_start:.1f}s"
+    )
+    # the extra images of each batch: non-digits (label -1) and printed digits (their own label)
+    extra = torch.cat([bank, printed]).to(device)
+    extra_y = torch.cat([torch.full((len(bank),), -1), printed_y]).to(device)
     x_train, y_train = x_train.to(device), y_train.to(device)
     n = len(x_train)
     steps_per_epoch = math.ceil(n / args.batch_size)
+    n_out = min(args.outlier_batch, len(extra))
     fmt = train_memory_format(device, precision)
-    micro = min(args.micro_batch or micro_batch(device, precision, args.batch_size), args.batch_size)
+    micro = args.micro_batch or micro_batch(device, precision, args.batch_size + n_out)
     print(
-        f"training on {n} images, {device} {precision}, {args.epochs} epochs, seed {args.seed}, "
-        f"batch {args.batch_size} in passes of {micro}"
+        f"training on {n} images ({len(x_hold)} held out), {device} {precision}, {args.epochs} epochs, "
+        f"seed {args.seed}, batch {args.batch_size} + {n_out} non-digits or printed digits in passes of {micro}"
     )
 
     model = prepare(Net(), device, fmt)
@@ -199,7 +278,6 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     )
     gen = torch.Generator(device=device).manual_seed(args.seed)
     acc = 0.0
-    t_start = time.perf_counter()
     for epoch in range(1, args.epochs + 1):
         model.train()
         t0 = time.perf_counter()
@@ -214,26 +292,41 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         )
         for step in bar:
             idx = order[step * args.batch_size : (step + 1) * args.batch_size]
-            xb = x_train[idx].float().div_(255.0)
-            xb = augment(xb, args.shift, args.rotate, args.scale, gen)
+            xb, yb = x_train[idx], y_train[idx]
+            if n_out:  # the non-digits get the same augmentation, so it cannot tell them apart
+                pick = torch.randint(len(extra), (n_out,), device=device, generator=gen)
+                xb, yb = torch.cat([xb, extra[pick]]), torch.cat([yb, extra_y[pick]])
+            xb = augment(xb.float().div_(255.0), args.shift, args.rotate, args.scale, gen)
             xb = ((xb - MNIST_MEAN) / MNIST_STD).contiguous(memory_format=fmt)
             opt.zero_grad(set_to_none=True)
             total_loss += backward_in_passes(
-                model, xb, y_train[idx], micro, args.label_smoothing, device, precision
+                model,
+                xb,
+                yb,
+                min(micro, len(yb)),
+                args.label_smoothing,
+                device,
+                precision,
+                args.outlier_weight,
             )
             opt.step()
             sched.step()
             if ema is not None:
                 ema.update_parameters(model)
-        rate = n / (time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
         final = (ema.module if ema is not None else model).eval()
         probs = predict_probs(final, x_test, MNIST_MEAN, MNIST_STD, device, precision)
         acc = float((probs.argmax(1) == y_test).float().mean())
         print(
-            f"epoch {epoch:2d}  loss {float(total_loss) / steps_per_epoch:.4f}  test acc {acc:.2%}  {rate:,.0f} images/s"
+            f"epoch {epoch:2d}  loss {float(total_loss) / steps_per_epoch:.4f}  test acc {acc:.2%}  "
+            f"{n / seconds:,.0f} images/s  {seconds:.0f}s"
         )
 
-    final = ema.module if ema is not None else model
+    final = (ema.module if ema is not None else model).eval()
+    held = (x_hold, y_hold)
+    calibration = calibrate.after_training(
+        final, held, (x_train.cpu(), y_train.cpu()), args.seed, args.review_budget, device, precision
+    )
     meta = {
         "arch": ARCH,
         "mean": MNIST_MEAN,
@@ -242,6 +335,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "epochs": args.epochs,
         "seed": args.seed,
         "train_images": n,
+        "holdout_images": len(x_hold),
+        "outliers": len(bank),
+        "printed_digits": len(printed),
+        **({"calibration": calibration.to_meta()} if calibration else {}),
         "data_sha256": {"train": h_train, "test": h_test},
         # The training arguments as plain values (nanoGPT keeps its config so): a program can read
         # them back, and torch.load(weights_only=True) still accepts the file.
@@ -261,6 +358,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": elapsed,
         "path": outcome.path,
         "kept": outcome.kept,
+        "calibration": calibration,
     }
 
 
