@@ -144,7 +144,7 @@ def test_training_learns_the_tiny_set(tiny, tmp_path):
 def test_passes_accumulate_the_whole_batch_gradient(micro, outliers):
     """A batch run as several smaller passes (the fp32 CPU default) gets the gradient and loss
     of one whole pass: a speed choice, not a change of recipe; non-digits (label -1) included."""
-    from trainer.train import backward_in_passes
+    from trainer.outliers import backward_in_passes
 
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(100, 1, 28, 28, generator=gen), torch.randint(0, 10, (100,), generator=gen)

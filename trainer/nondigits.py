@@ -3,27 +3,26 @@
 Two families made by different generators, so that what the model was trained on (outlier
 exposure, ``mnistq train --outliers``) is not what it is measured on (``mnistq evaluate``):
 
-- TRAINING (``training_bank``): letters and symbols in Pillow's embedded font (Aileron,
-  ``ImageFont.load_default``), light ink on a dark 56 px canvas, slanted and rotated, stroke
-  widths like a pen's; pen scribbles (one random walk with momentum); blob textures (smoothed
-  noise, thresholded); MNIST *training* digits cut in half across (top or bottom half kept, the
-  cut up to 15% of the ink's height off its centre), two in seven of the bank (the hardest kind).
-- EVALUATION (``evaluation_set``): letters and symbols (with Greek and other Unicode signs) in
-  Debian's DejaVu fonts, dark ink on lighter, uneven paper of 64-128 px; tangles (closed curves
-  of summed sinusoids) and hatching (the zig-zag of crossing something out); textures (stripes,
-  checkers, dot grids); shapes (polygons, stars, crosses, arrows, hearts, crescents, domes);
-  MNIST *test* digits cut in half lengthwise (left or right half kept).
+- TRAINING (``training_bank``; its generators are here): letters and symbols in Pillow's
+  embedded font (Aileron, ``ImageFont.load_default``), light ink on a dark 56 px canvas, slanted
+  and rotated, stroke widths like a pen's; pen scribbles (one random walk with momentum); blob
+  textures (smoothed noise, thresholded); MNIST *training* digits cut in half across (top or
+  bottom half kept, the cut up to 15% of the ink's height off its centre), two in seven of the
+  bank (the hardest kind). ``printed_digits``: digits rendered as its letters are.
+- EVALUATION (``evaluation_set``; its generators, and the shapes they leave out, are in
+  trainer/nondigits_eval.py): letters and symbols (with Greek and other Unicode signs) in
+  Debian's DejaVu fonts, dark ink on lighter, uneven paper of 64-128 px; tangles and hatching;
+  textures (stripes, checkers, dot grids); shapes; MNIST *test* digits cut in half lengthwise
+  (left or right half kept).
 
 Left out of both, because a person could read them as a digit (``LOOKALIKES``): 0 O o D Q,
 Greek theta and omicron; 1 I l i | ! / \\ ( ) [ ] ' ` , . : ; (thin marks); 2 Z z ?; 5 S s $ §;
 6 b G, Greek delta and sigma, ∂; 8 B ß & and Greek beta; 9 g q. Halves that keep a digit's shape
 (``HALVES_SKIP``): any half of a 1; the top and bottom of an 8, the top of a 9 and the bottom of
 a 6 (a loop: a 0); the right half of a 3, 4, 7, 8 or 9 and the left half of a 5 or 6 (the side
-that carries the digit). No rings, outlined polygons of 5 sides or more (a 0) or filled discs
-(served, a disc's flat middle is taken for uneven paper and removed, which leaves a ring).
-Whatever made it, an image whose ink is tall and thin (narrower than ``THIN`` of its height: a
-1) is dropped, and blanks that ``normalise`` refuses are skipped: the worker gives those a "no
-digit" error row, not a review.
+that carries the digit). Whatever made it, an image whose ink is tall and thin (narrower than
+``THIN`` of its height: a 1) is dropped, and blanks that ``normalise`` refuses are skipped: the
+worker gives those a "no digit" error row, not a review.
 """
 
 from __future__ import annotations
@@ -34,10 +33,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from PIL import Image, ImageDraw, ImageFont
 
 from mnistq.errors import ImageError
 from mnistq.images import normalise
+from trainer.nondigits_eval import dejavu_text, pattern, scribble, shape
 
 # Greek letters that look like Latin ones are here on purpose (hence the noqa)
 LOOKALIKES = set("0123456789OoDQΘθΟοIliIΙι|!/\\()[]'`,.;:ZzΖ?SsΣ$§bGδσ∂BßβΒ&gq")  # noqa: RUF001
@@ -51,19 +51,21 @@ THIN = 0.4  # ink narrower than this share of its height reads as a 1
 Gen = Callable[[np.random.Generator], np.ndarray]
 
 
-@functools.cache
-def _pil_font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    return ImageFont.load_default(size=size)
-
-
-@functools.cache
-def _dejavu_font(path: str, size: int) -> ImageFont.FreeTypeFont:
-    return ImageFont.truetype(path, size)
-
-
 def dejavu_fonts() -> list[str]:
     """The DejaVu font files here (Debian's fonts-dejavu-core/-extra), or [] when absent."""
     return sorted(str(p) for p in DEJAVU.glob("DejaVu*.ttf") if "MathTeX" not in p.name)
+
+
+# --- the training family (the evaluation family's generators: trainer/nondigits_eval.py) ------
+
+
+def _as_gray(im: Image.Image) -> np.ndarray:
+    return np.asarray(im, dtype=np.float32) / 255.0
+
+
+@functools.cache
+def _pil_font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
 
 
 def _slant(im: Image.Image, rng: np.random.Generator, shear: float, degrees: float) -> Image.Image:
@@ -72,13 +74,6 @@ def _slant(im: Image.Image, rng: np.random.Generator, shear: float, degrees: flo
     h = im.size[1]
     im = im.transform(im.size, Image.Transform.AFFINE, (1, s, -s * h / 2, 0, 1, 0), Image.Resampling.BILINEAR)
     return im.rotate(rng.uniform(-degrees, degrees), Image.Resampling.BILINEAR)
-
-
-def _as_gray(im: Image.Image) -> np.ndarray:
-    return np.asarray(im, dtype=np.float32) / 255.0
-
-
-# --- the training family ----------------------------------------------------------------------
 
 
 def _pil_render(rng: np.random.Generator, text: str) -> np.ndarray:
@@ -145,6 +140,9 @@ def _blobs(rng: np.random.Generator) -> np.ndarray:
     return out
 
 
+# --- both families: halves of MNIST digits ----------------------------------------------------
+
+
 def _cut(keep: str, digit: np.ndarray, shift: float = 0.0) -> np.ndarray:
     """Keep one part of a digit ("top", "bottom", "left", "right"), cut through its centre of ink
     moved by ``shift`` times the ink's extent."""
@@ -190,139 +188,6 @@ def _halves(images: np.ndarray, labels: np.ndarray, sides: tuple[str, str], jitt
         return _cut(side, images[i].reshape(28, 28), rng.uniform(-jitter, jitter) if jitter else 0.0)
 
     return gen
-
-
-# --- the evaluation family --------------------------------------------------------------------
-
-
-def _paper(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Light, uneven paper as a scan or photo gives it."""
-    ramp = np.linspace(rng.uniform(0.75, 0.9), rng.uniform(0.85, 1.0), size, dtype=np.float32)
-    return np.tile(ramp, (size, 1)) if rng.random() < 0.5 else np.tile(ramp[:, None], (1, size))
-
-
-def _ink_on_paper(ink: Image.Image, rng: np.random.Generator) -> np.ndarray:
-    """Dark ink (``ink``: 255 where drawn) on paper, a little blurred, with sensor noise."""
-    paper = _paper(rng, ink.size[0])
-    a = paper * (1 - rng.uniform(0.7, 0.95) * _as_gray(ink.filter(ImageFilter.GaussianBlur(0.7))))
-    return np.clip(a + rng.normal(0, 0.015, a.shape).astype(np.float32), 0, 1)
-
-
-@functools.cache
-def _has_glyph(path: str, ch: str) -> bool:
-    """False for a character the font draws as its 'missing glyph' box (or not at all)."""
-    font = _dejavu_font(path, 40)
-
-    def drawn(c: str) -> bytes:
-        im = Image.new("L", (80, 80), 0)
-        ImageDraw.Draw(im).text((10, 10), c, fill=255, font=font)
-        return im.tobytes()
-
-    ink = drawn(ch)
-    return any(ink) and ink != drawn("\uffff")
-
-
-def _dejavu_text(chars: list[str], fonts: list[str]) -> Gen:
-    def gen(rng: np.random.Generator) -> np.ndarray:
-        side = int(rng.integers(64, 129))
-        size = int(side * rng.uniform(0.35, 0.6))
-        path = fonts[int(rng.integers(len(fonts)))]
-        font = _dejavu_font(path, size)
-        ch = chars[int(rng.integers(len(chars)))]
-        if not _has_glyph(path, ch):
-            return np.ones((side, side), dtype=np.float32)  # blank paper: drawn again
-        im = Image.new("L", (side, side), 0)
-        draw = ImageDraw.Draw(im)
-        box = draw.textbbox((0, 0), ch, font=font)
-        pos = ((side - box[2] - box[0]) / 2, (side - box[3] - box[1]) / 2)
-        draw.text(
-            pos, ch, fill=255, font=font, stroke_width=int(rng.integers(0, 1 + size // 15)), stroke_fill=255
-        )
-        return _ink_on_paper(im.rotate(rng.uniform(-20, 20), Image.Resampling.BICUBIC), rng)
-
-    return gen
-
-
-def _curve(rng: np.random.Generator) -> list[tuple[float, float]]:
-    side = 96.0
-    if rng.random() < 0.5:  # a tangle: a closed curve of summed sinusoids
-        t = np.linspace(0, 2 * math.pi, 200)
-        xy = [
-            sum(rng.normal(0, 1 / k) * np.sin(k * t + rng.uniform(0, 6.3)) for k in range(1, 5)) for _ in "xy"
-        ]
-        x, y = (v / (np.abs(v).max() + 1e-6) for v in xy)
-    else:  # hatching: a zig-zag back and forth, as when crossing something out
-        n = int(rng.integers(4, 9))
-        x = np.tile([-1.0, 1.0], n) + rng.normal(0, 0.1, 2 * n)
-        y = np.linspace(-1, 1, 2 * n) + rng.normal(0, 0.05, 2 * n)
-        a = rng.uniform(0, math.pi)
-        x, y = x * math.cos(a) - y * math.sin(a), x * math.sin(a) + y * math.cos(a)
-    return list(zip((x * 0.35 + 0.5) * side, (y * 0.35 + 0.5) * side, strict=True))
-
-
-def _eval_scribble(rng: np.random.Generator) -> np.ndarray:
-    im = Image.new("L", (96, 96), 0)
-    ImageDraw.Draw(im).line(_curve(rng), fill=255, width=int(rng.integers(3, 8)), joint="curve")
-    return _ink_on_paper(im, rng)
-
-
-def _pattern(rng: np.random.Generator) -> np.ndarray:
-    """Stripes at any angle, checkers or a grid of dots, in a square or a disc."""
-    side = int(rng.integers(64, 129))
-    yy, xx = np.mgrid[0:side, 0:side].astype(np.float32) / side
-    period = rng.uniform(0.08, 0.2)
-    kind = int(rng.integers(3))
-    if kind == 0:
-        a = rng.uniform(0, math.pi)
-        ink = np.sin(2 * math.pi * (xx * math.cos(a) + yy * math.sin(a)) / period) > 0
-    elif kind == 1:
-        ink = (np.floor(xx / period) + np.floor(yy / period)) % 2 == 0
-    else:
-        ink = (np.hypot((xx / period) % 1 - 0.5, (yy / period) % 1 - 0.5)) < 0.3
-    region = (
-        np.hypot(xx - 0.5, yy - 0.5) < 0.35
-        if rng.random() < 0.5
-        else np.maximum(abs(xx - 0.5), abs(yy - 0.5)) < 0.3
-    )
-    return _ink_on_paper(Image.fromarray(((ink & region) * 255).astype(np.uint8)), rng)
-
-
-def _shape(rng: np.random.Generator) -> np.ndarray:
-    """Polygons, stars, crosses, arrows, hearts, crescents, domes. Never a ring or an outlined
-    polygon of 5 sides or more (a 0), nor a filled disc: served, its flat middle is taken for
-    uneven paper and removed, which leaves a ring."""
-    im = Image.new("L", (96, 96), 0)
-    d = ImageDraw.Draw(im)
-    width = int(rng.integers(3, 8))
-    fill = 255 if rng.random() < 0.5 else None
-    kind = int(rng.integers(7))
-    if kind in (0, 1):  # a polygon (3-6 sides) or a star (5-8 points)
-        n = int(rng.integers(3, 7)) if kind == 0 else int(rng.integers(5, 9))
-        fill = 255 if kind == 0 and n >= 5 else fill
-        radii = [30.0] * n if kind == 0 else [30.0, 13.0] * n
-        k = len(radii)
-        a0 = rng.uniform(0, 2 * math.pi)
-        pts = [
-            (48 + r * math.cos(a0 + 2 * math.pi * i / k), 48 + r * math.sin(a0 + 2 * math.pi * i / k))
-            for i, r in enumerate(radii)
-        ]
-        d.polygon(pts, fill=fill, outline=255, width=width)
-    elif kind == 2:  # a cross
-        d.line([(18, 48), (78, 48)], fill=255, width=width + 3)
-        d.line([(48, 18), (48, 78)], fill=255, width=width + 3)
-    elif kind == 3:  # an arrow
-        d.line([(16, 48), (74, 48)], fill=255, width=width + 2)
-        d.polygon([(80, 48), (62, 34), (62, 62)], fill=255)
-    elif kind == 4:  # a heart
-        d.ellipse((20, 22, 50, 52), fill=255)
-        d.ellipse((46, 22, 76, 52), fill=255)
-        d.polygon([(22, 42), (74, 42), (48, 78)], fill=255)
-    elif kind == 5:  # a crescent
-        d.ellipse((18, 18, 78, 78), fill=255)
-        d.ellipse((34, 12, 90, 68), fill=0)
-    else:  # a dome: half a disc
-        d.pieslice((22, 30, 74, 82), 180, 360, fill=255)
-    return _ink_on_paper(im.rotate(rng.uniform(0, 360), Image.Resampling.BICUBIC), rng)
 
 
 # --- making the sets --------------------------------------------------------------------------
@@ -379,8 +244,8 @@ def evaluation_set(n: int, seed: int, digits: np.ndarray, labels: np.ndarray) ->
     fonts = dejavu_fonts()
     if fonts:
         kinds += [
-            ("letters", _dejavu_text(LETTERS, fonts)),
-            ("symbols", _dejavu_text(SYMBOLS + UNICODE, fonts)),
+            ("letters", dejavu_text(LETTERS, fonts)),
+            ("symbols", dejavu_text(SYMBOLS + UNICODE, fonts)),
         ]
     else:
         import sys
@@ -389,6 +254,6 @@ def evaluation_set(n: int, seed: int, digits: np.ndarray, labels: np.ndarray) ->
             f"no DejaVu fonts in {DEJAVU} (Debian: fonts-dejavu-core): non-digit letters and symbols left out",
             file=sys.stderr,
         )
-    kinds += [("scribbles", _eval_scribble), ("textures", _pattern), ("shapes", _shape)]
+    kinds += [("scribbles", scribble), ("textures", pattern), ("shapes", shape)]
     kinds += [("halves", _halves(digits, labels, ("left", "right"), 0.0))]
     return _make(kinds, n, seed)

@@ -7,8 +7,9 @@ off-centre real-world digits still read), an EMA of the weights, bf16 where the 
 
 For calibrated confidence and the "not a digit" judgement: the last --holdout training images
 are never trained on; generated non-digits (trainer/nondigits.py) join every batch with uniform
-targets (outlier exposure); after training, trainer/calibrate.py fits the temperature and the
-review thresholds on the held-out images, stored in the checkpoint (and its version).
+targets (outlier exposure: trainer/outliers.py); after training, trainer/calibrate.py fits the
+temperature and the review thresholds on the held-out images, stored in the checkpoint (and its
+version).
 """
 
 from __future__ import annotations
@@ -29,13 +30,12 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from mnistq.settings import DEFAULT_MODEL
-from trainer import calibrate, data, publish
+from trainer import calibrate, data, outliers, publish
 from trainer.model import (
     ARCH,
     MNIST_MEAN,
     MNIST_STD,
     Net,
-    autocast,
     micro_batch,
     pick_device,
     pick_precision,
@@ -43,6 +43,7 @@ from trainer.model import (
     prepare,
     train_memory_format,
 )
+from trainer.outliers import backward_in_passes
 
 
 def augment(
@@ -61,45 +62,6 @@ def augment(
     theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-
-
-def backward_in_passes(
-    model: torch.nn.Module,
-    xb: torch.Tensor,
-    yb: torch.Tensor,
-    micro: int,
-    label_smoothing: float,
-    device: torch.device,
-    precision: str,
-    outlier_weight: float = 0.5,
-) -> torch.Tensor:
-    """Gradients of the batch's loss, accumulated over passes of ``micro`` images.
-
-    The loss: the mean cross-entropy of the digits, plus ``outlier_weight`` times the mean
-    cross-entropy to the uniform distribution of the non-digits (label -1; outlier exposure,
-    Hendrycks et al., 2019). The same gradients as one pass over the whole batch (up to
-    rounding): a cache-sized pass is a speed choice, not a change of recipe. Returns the batch's
-    loss, detached.
-    """
-    outlier = yb < 0
-    n_out = int(outlier.sum())
-    n_digits = len(yb) - n_out
-    total = torch.zeros((), device=xb.device)
-    for xc, yc in zip(xb.split(micro), yb.split(micro), strict=True):
-        out_c = yc < 0
-        with autocast(device, precision):
-            logits = model(xc)
-        loss = torch.zeros((), device=xb.device)
-        if n_digits and not out_c.all():
-            ce = F.cross_entropy(logits[~out_c], yc[~out_c], label_smoothing=label_smoothing, reduction="sum")
-            loss = loss + ce / n_digits
-        if n_out and out_c.any():
-            z = logits[out_c].float()
-            uniform = (torch.logsumexp(z, 1) - z.mean(1)).sum()  # cross-entropy to 1/10 each
-            loss = loss + outlier_weight * uniform / n_out
-        loss.backward()
-        total += loss.detach()
-    return total
 
 
 def ema_avg(decay: float) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | int], torch.Tensor]:
@@ -187,34 +149,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the last N training images are never trained on: the temperature and the review "
         "thresholds are fitted on them (at most a fifth of the set) (default: %(default)s)",
     )
-    a(
-        "--outliers",
-        type=int,
-        default=24000,
-        help="generated non-digits (trainer/nondigits.py's training family; at most one per "
-        "training digit) made once at the start and mixed into every batch with uniform targets "
-        "(outlier exposure), 0 to disable (default: %(default)s)",
-    )
-    a(
-        "--printed",
-        type=int,
-        default=5000,
-        help="digits rendered in the non-digits' font, labelled, among the non-digits (at most "
-        "as many), so that the font does not mark a non-digit; 0 for none (default: %(default)s)",
-    )
-    a(
-        "--outlier-batch",
-        type=int,
-        default=32,
-        help="non-digits and printed digits added to each batch of --batch-size digits "
-        "(default: %(default)s)",
-    )
-    a(
-        "--outlier-weight",
-        type=float,
-        default=0.5,
-        help="weight of the non-digits' cross-entropy to the uniform distribution (default: %(default)s)",
-    )
+    outliers.add_arguments(p)
     a(
         "--review-budget",
         type=float,
@@ -249,20 +184,15 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if args.limit:
         x_train, y_train = x_train[: args.limit], y_train[: args.limit]
     t_start = time.perf_counter()
-    # no more non-digits than digits: a small set (a test's) is not buried under them
-    bank = calibrate.outlier_bank(min(args.outliers, len(x_train)), args.seed, x_train, y_train)
-    printed, printed_y = calibrate.printed_bank(min(args.printed, len(bank)), args.seed)
+    extra = outliers.extras(args.outliers, args.printed, args.seed, x_train, y_train, device)
     print(
-        f"{len(bank)} generated non-digits for outlier exposure and {len(printed)} printed digits, "
+        f"{extra.outliers} generated non-digits for outlier exposure and {extra.printed} printed digits, "
         f"{time.perf_counter() - t_start:.1f}s"
     )
-    # the extra images of each batch: non-digits (label -1) and printed digits (their own label)
-    extra = torch.cat([bank, printed]).to(device)
-    extra_y = torch.cat([torch.full((len(bank),), -1), printed_y]).to(device)
     x_train, y_train = x_train.to(device), y_train.to(device)
     n = len(x_train)
     steps_per_epoch = math.ceil(n / args.batch_size)
-    n_out = min(args.outlier_batch, len(extra))
+    n_out = min(args.outlier_batch, len(extra.images))
     fmt = train_memory_format(device, precision)
     micro = args.micro_batch or micro_batch(device, precision, args.batch_size + n_out)
     print(
@@ -292,10 +222,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         )
         for step in bar:
             idx = order[step * args.batch_size : (step + 1) * args.batch_size]
-            xb, yb = x_train[idx], y_train[idx]
-            if n_out:  # the non-digits get the same augmentation, so it cannot tell them apart
-                pick = torch.randint(len(extra), (n_out,), device=device, generator=gen)
-                xb, yb = torch.cat([xb, extra[pick]]), torch.cat([yb, extra_y[pick]])
+            # the non-digits get the same augmentation, so it cannot tell them apart
+            xb, yb = outliers.mix(x_train[idx], y_train[idx], extra, n_out, gen)
             xb = augment(xb.float().div_(255.0), args.shift, args.rotate, args.scale, gen)
             xb = ((xb - MNIST_MEAN) / MNIST_STD).contiguous(memory_format=fmt)
             opt.zero_grad(set_to_none=True)
@@ -336,8 +264,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "train_images": n,
         "holdout_images": len(x_hold),
-        "outliers": len(bank),
-        "printed_digits": len(printed),
+        "outliers": extra.outliers,
+        "printed_digits": extra.printed,
         **({"calibration": calibration.to_meta()} if calibration else {}),
         "data_sha256": {"train": h_train, "test": h_test},
         # The training arguments as plain values (nanoGPT keeps its config so): a program can read
