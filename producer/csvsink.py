@@ -49,12 +49,14 @@ from mnistq.protocol import CSV_COLUMNS, ErrorKind, Result
 
 log = logging.getLogger("mnistq.producer")
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-#: the headers of older versions (before moved_to; before error_kind): a torn first line is
+#: the headers of older versions (before review; before moved_to; before error_kind): a torn first line is
 #: repaired only if it starts one of these or today's
-_PREVIOUS_COLUMNS = tuple(c for c in CSV_COLUMNS if c != "moved_to")
+_BEFORE_REVIEW = tuple(c for c in CSV_COLUMNS if c != "review")
+_PREVIOUS_COLUMNS = tuple(c for c in _BEFORE_REVIEW if c != "moved_to")
 _LEGACY_COLUMNS = ("path", "digit", "confidence", "model_version", "error", "id", "finished_at")
 _HEADERS = tuple(
-    ",".join(cols).encode() + b"\r\n" for cols in (CSV_COLUMNS, _PREVIOUS_COLUMNS, _LEGACY_COLUMNS)
+    ",".join(cols).encode() + b"\r\n"
+    for cols in (CSV_COLUMNS, _BEFORE_REVIEW, _PREVIOUS_COLUMNS, _LEGACY_COLUMNS)
 )
 _ESCAPED_BYTE = re.compile(rb"\\x([0-9a-f]{2})")
 
@@ -66,6 +68,8 @@ def escape(text: str) -> str:
     ``\\udNNN``. A name that already holds a literal ``\\x`` followed by two hex digits reads the
     same as an escaped byte: :func:`unescaped` gives both readings.
     """
+    if text.isascii():  # nearly every name: no encoding needed to know
+        return text
     try:
         text.encode("utf-8")
         return text
@@ -90,6 +94,14 @@ def neutralise(value: Any) -> Any:
     if isinstance(value, str) and value.startswith(_FORMULA_START):
         return "'" + value
     return value
+
+
+def _cell(value: object) -> str:
+    """``neutralise(escape(str(value)))``, in one call per cell."""
+    text = value if type(value) is str else str(value)
+    if not text.isascii():
+        text = escape(text)
+    return "'" + text if text.startswith(_FORMULA_START) else text
 
 
 def _uncell(value: str) -> str:
@@ -217,7 +229,9 @@ class CsvSink:
                 "%s: could not remove a partial row yet (%s); it is removed before the next", self.path, e
             )
 
-    def _row(self, result: Result, first_try: bool = True) -> bytes:
+    def _cells(self, result: Result, finished_at: str, first_try: bool = True) -> list[str]:
+        """One row's cells, in the file's columns; a result that cannot be written gets an error
+        row instead (a worker's odd answer is this file's problem, not its message's)."""
         try:
             cells: dict[str, Any] = {
                 "path": result.path,
@@ -227,11 +241,12 @@ class CsvSink:
                 "error": result.error or "",
                 "error_kind": ErrorKind(result.error_kind).value if result.error_kind else "",
                 "id": result.id or "",
-                "finished_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+                "finished_at": finished_at,
                 "moved_to": result.moved_to or "",
+                "review": result.review or "",
             }
-            return _encode([neutralise(escape(str(cells.get(c, "")))) for c in self.columns])
-        except Exception as e:  # a worker's odd answer is this file's problem, not its message's
+            return [_cell(cells.get(c, "")) for c in self.columns]
+        except Exception as e:
             if not first_try:
                 raise
             log.warning("%s: its result could not be written (%s); it gets an error row", result.path, e)
@@ -239,7 +254,14 @@ class CsvSink:
                 result.path, ErrorKind.INTERNAL, f"internal error: unwritable result ({e})", result.id
             )
             failed.moved_to = result.moved_to
-            return self._row(failed, first_try=False)
+            return self._cells(failed, finished_at, first_try=False)
+
+    def _rows(self, results: Sequence[Result]) -> bytes:
+        """The rows of one message as one buffer: one clock read and one CSV writer for all."""
+        finished_at = datetime.now(UTC).isoformat(timespec="milliseconds")
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\r\n").writerows(self._cells(r, finished_at) for r in results)
+        return buf.getvalue().encode("utf-8")
 
     def append(self, results: Sequence[Result]) -> list[Result]:
         """Append one row per result whose id has none yet, in one write and one fsync.
@@ -250,20 +272,22 @@ class CsvSink:
         with self._lock:
             rows: list[Result] = []
             ids: set[str] = set()
+            done = self.done
             for r in results:
-                if r.id and (r.id in self.done or r.id in ids):
+                if r.id and (r.id in done or r.id in ids):
                     continue
                 rows.append(r)
                 if r.id:
                     ids.add(r.id)
             if not rows:
                 return []
-            self._append(b"".join(self._row(r) for r in rows))
+            self._append(self._rows(rows))
+            places = self.places
             for r in rows:
                 moved = escape(r.moved_to or "")
                 if r.id:
-                    self.done[r.id] = moved
-                self.places[escape(r.path)] = moved
+                    done[r.id] = moved
+                places[escape(r.path)] = moved
             return rows
 
     def write(self, result: Result) -> bool:

@@ -84,6 +84,22 @@ class _Task:
     sent_at: float
 
 
+class _Look(threading.Thread):
+    """One look for lost work, on a thread of its own (see Dispatcher._lost_now)."""
+
+    def __init__(self, lost: LostWork, in_flight: dict[str, float]) -> None:
+        super().__init__(name="mnistq-look", daemon=True)
+        self.lost, self.in_flight = lost, in_flight
+        self.answer: set[str] = set()
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.answer = self.lost.lost(self.in_flight)
+        except Exception as e:  # a look that fails is no evidence either way
+            log.debug("could not look for lost work: %s: %s", type(e).__name__, e)
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -129,6 +145,8 @@ class Dispatcher:
         self._busy_s = 0.0
         self._busy_since: float | None = None
         self._next_look = 0.0
+        self._look: _Look | None = None
+        self._look_aside = getattr(self.lost.probe, "blocking", False)
         self._send_warned_at: float | None = None
 
     # -- the loop's side ----------------------------------------------------------------
@@ -186,17 +204,23 @@ class Dispatcher:
 
     def _identify(self, paths: Sequence[str]) -> list[tuple[str, str, tuple[int, int, int, int]]]:
         batch = []
+        busy, flights, done = self._paths, self._flights, self.finisher.sink.done
+        finish_known = self.finisher.finish_known
         for path in paths:
-            if path in self._paths:
+            if path in busy:
                 continue  # in flight: a late event for it means nothing new
             try:
                 st = os.stat(path, follow_symlinks=False)
             except OSError:
                 continue  # gone before we got to it
             fid = file_id(path, st)
+            if fid in flights:
+                continue
             # finish_known also catches a file whose row is written but whose inbox entry could
-            # not be removed: linking it changed its ctime, so its id
-            if fid in self._flights or self.finisher.finish_known(path, st):
+            # not be removed: linking it changed its ctime, so its id. It can be that only if
+            # the ledger has its id or it has another link (Finisher._linked_row): the usual new
+            # file is told apart here without hashing its id a second time.
+            if (fid in done or st.st_nlink > 1) and finish_known(path, st):
                 continue
             batch.append((path, fid, identity(st)))
         return batch
@@ -205,13 +229,7 @@ class Dispatcher:
         """Every turn of the loop: retry rows the disk refused; take back the files of lost
         messages (the caller sends them again)."""
         self._landed(self.finisher.retry())
-        now = self.clock()
-        if now < self._next_look:
-            return []
-        self._next_look = now + LOOK_EVERY_S
-        with self._lock:
-            in_flight = {tid: t.sent_at for tid, t in self._tasks.items()}
-        lost = self.lost.lost(in_flight)  # may look at the broker: outside the lock
+        lost = self._lost_now(self.clock())
         if not lost:
             return []
         paths = []
@@ -234,6 +252,27 @@ class Dispatcher:
                     "sending %d files again: their messages were lost (broker restarted?)", len(paths)
                 )
         return paths
+
+    def _lost_now(self, now: float) -> set[str]:
+        """The tasks a look found lost. A look that may wait (on the workers' answers to an
+        inspect, up to a second, whenever a task is between the broker's lists, e.g. answered
+        but not yet read) runs on a thread of its own: the loop never waits for it, so files that
+        arrive meanwhile are sent at once; its answer is taken on a later tick."""
+        look = self._look
+        if look is not None:
+            if look.is_alive():
+                return set()
+            self._look = None
+            return look.answer
+        if now < self._next_look:
+            return set()
+        self._next_look = now + LOOK_EVERY_S
+        with self._lock:
+            in_flight = {tid: t.sent_at for tid, t in self._tasks.items()}
+        if not in_flight or not self._look_aside or not self.lost.due():
+            return self.lost.lost(in_flight)  # no look now, or a quick one: here
+        self._look = _Look(self.lost, in_flight)
+        return set()
 
     def already_done(self, path: str, st: os.stat_result) -> bool:
         """A scan's question: has this file its row already? If so, its inbox entry goes now
@@ -274,14 +313,15 @@ class Dispatcher:
 
     def _answer(self, reply: Reply, task: _Task | None) -> None:
         answers: list[Answer] = []
+        flights = self._flights
         if task is None:
             # A task sent again meanwhile, or a redelivered task's second answer: take what is
             # still in flight, by file id; the rest has its row already.
-            for r in reply.results:
-                with self._lock:
-                    flight = self._flights.get(r.id) if r.id else None
-                if flight is not None and r.id:
-                    answers.append(Answer(flight.path, r.id, flight.ident, r))
+            with self._lock:
+                for r in reply.results:
+                    flight = flights.get(r.id) if r.id else None
+                    if flight is not None and r.id:
+                        answers.append(Answer(flight.path, r.id, flight.ident, r))
         else:
             paths, fids = [p for p, _ in task.files], [f for _, f in task.files]
             results = miscounted(reply, paths, fids)
@@ -290,10 +330,10 @@ class Dispatcher:
                     r if r.id == fid else self._misfiled(reply.task_id, path, fid, r)
                     for r, (path, fid) in zip(reply.results, task.files, strict=True)
                 ]
-            for r, (path, fid) in zip(results, task.files, strict=True):
-                with self._lock:
-                    flight = self._flights.get(fid)
-                answers.append(Answer(path, fid, flight.ident if flight else None, r))
+            with self._lock:  # one look for the whole message
+                for r, (path, fid) in zip(results, task.files, strict=True):
+                    flight = flights.get(fid)
+                    answers.append(Answer(path, fid, flight.ident if flight else None, r))
         if answers:
             self._landed(self.finisher.submit(answers))
 
@@ -304,19 +344,28 @@ class Dispatcher:
         return Result.failed(path, ErrorKind.INTERNAL, message, fid)
 
     def _landed(self, landed: list[Landed]) -> None:
-        """Files whose rows are written (or were already): no longer in flight."""
-        for x in landed:
-            a = x.answer
-            failed = a.result.error is not None
-            if x.written and failed:
-                log.debug("failed: %s: %s", a.path, a.result.error)
-            with self._lock:
+        """Files whose rows are written (or were already): no longer in flight. One lock and one
+        count per message, not per file."""
+        if not landed:
+            return
+        done = failed = 0
+        replaced: list[str] = []
+        with self._lock:
+            for x in landed:
+                a = x.answer
                 if x.written:
-                    self._done += 1
-                    self._failed += failed
+                    done += 1
+                    if a.result.error is not None:
+                        failed += 1
+                        log.debug("failed: %s: %s", a.path, a.result.error)
                 self._land(a.fid)
-            if x.replaced and self.on_replaced is not None:
-                self.on_replaced(a.path)
+                if x.replaced:
+                    replaced.append(a.path)
+            self._done += done
+            self._failed += failed
+        if self.on_replaced is not None:
+            for path in replaced:
+                self.on_replaced(path)
 
     def _land(self, fid: str) -> None:
         """No longer in flight (call with the lock held); the busy time stops with the last one."""

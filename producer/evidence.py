@@ -70,6 +70,10 @@ def _task_id(message: Any) -> str | None:
 class RedisProbe:
     """Which task ids are in the queue, in kombu's unacked hash, or on a worker."""
 
+    #: a look may wait for the workers' answers (``inspect_timeout``): callers with a loop to
+    #: keep going look on another thread (producer/dispatch.py)
+    blocking = True
+
     def __init__(
         self,
         app: celery.Celery,
@@ -180,6 +184,10 @@ class LostWork:
         self._absent: dict[str, float] = {}  # task id -> the first look (of a run of looks) that missed it
         #: whether the last answer came from the time-based fallback (no look was possible)
         self.by_fallback = False
+
+    def due(self) -> bool:
+        """Whether ``lost`` would look now (else it answers at once, from what it knows)."""
+        return self._looked_at is None or self.clock() - self._looked_at >= self.confirm_s
 
     def lost(self, in_flight: Mapping[str, float]) -> set[str]:
         """``in_flight``: task id -> sent_at (this clock's time, taken before sending). Returns

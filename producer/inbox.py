@@ -11,7 +11,7 @@ import hashlib
 import os
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from mnistq.protocol import EXTENSIONS
@@ -39,14 +39,21 @@ def file_id(path: str, st: os.stat_result) -> str:
     return hashlib.sha1(key.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
-def scan(inbox: Path, skip: tuple[Path, ...]) -> Iterator[tuple[str, os.stat_result]]:
-    """Every wanted regular file below the inbox, lazily (a flood is never one big list)."""
+def scan(
+    inbox: Path, skip: tuple[Path, ...], known: Callable[[str], bool] | None = None
+) -> Iterator[tuple[str, os.stat_result]]:
+    """Every wanted regular file below the inbox, lazily (a flood is never one big list).
+
+    ``known(path)``: the caller has it already (a candidate, in flight): not even stat'ed.
+    """
     for top, dirs, files in os.walk(inbox):
         dirs[:] = [d for d in dirs if not d.startswith(".") and Path(top, d) not in skip]
         # A folder named like an image is reported (as an error row), and still descended into.
         for name in [*files, *dirs]:
+            if not wanted(name):
+                continue
             path = os.path.join(top, name)
-            if not wanted(path):
+            if known is not None and known(path):
                 continue
             try:
                 st = os.stat(path, follow_symlinks=False)
@@ -65,16 +72,26 @@ def identity(st: os.stat_result) -> tuple[int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def target(path: str, inbox: Path, target_dir: Path) -> Path:
+def target(path: str, inbox: Path, target_dir: Path) -> str:
     """The first-choice final place of an inbox file: its subfolder kept, under target_dir."""
+    top = str(inbox)
+    name = path[len(top) + 1 :]
+    # A file right in the inbox, its path as events and scans give it: no Path to take apart.
+    flat = path[len(top) : len(top) + 1] == "/" and "/" not in name and name not in ("", ".", "..")
+    if flat and path.startswith(top):
+        return os.path.join(target_dir, name)
     try:
         rel = Path(path).relative_to(inbox)
     except ValueError:
         rel = Path(os.path.basename(path))
-    return target_dir / rel
+    return str(target_dir / rel)
 
 
-def place(path: str, st: os.stat_result, dest: Path, fid: str) -> tuple[str, bool]:
+#: Folders ``place`` made or found (done/, failed/ and their subfolders): not made again per file.
+_folders: set[str] = set()
+
+
+def place(path: str, st: os.stat_result, dest: str | os.PathLike[str], fid: str) -> tuple[str, bool]:
     """Put the file at its final place (a hard link, or a copy across filesystems), the inbox
     entry left as it is. Returns the final path, and whether this call created it.
 
@@ -83,19 +100,36 @@ def place(path: str, st: os.stat_result, dest: Path, fid: str) -> tuple[str, boo
     row (the same inode, or a copy with the same content) is reused, not linked twice. A
     symlink is placed as the link, not its target.
     """
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest = os.fspath(dest)
+    folder = os.path.dirname(dest)
+    if folder not in _folders:
+        _make(folder)
     for candidate in _names(dest, fid):
+        # Link first and look only if the name is taken: one system call for the usual file.
         try:
-            there = os.lstat(candidate)
-        except FileNotFoundError:
+            _put(path, st, candidate)
+        except FileExistsError:
             try:
-                _put(path, st, candidate)
-            except FileExistsError:
-                continue  # taken meanwhile
-            return str(candidate), True
-        if _same(path, st, candidate, there):
-            return str(candidate), False
-    raise FileExistsError(errno.EEXIST, "no free name for it", str(dest))
+                there = os.lstat(candidate)
+            except FileNotFoundError:
+                continue  # there a moment ago: leave that name alone
+            if _same(path, st, candidate, there):
+                return candidate, False
+            continue
+        except FileNotFoundError:
+            if os.path.isdir(folder):
+                raise  # the file itself is gone
+            _make(folder)  # someone removed the folder meanwhile
+            _put(path, st, candidate)
+        return candidate, True
+    raise FileExistsError(errno.EEXIST, "no free name for it", dest)
+
+
+def _make(folder: str) -> None:
+    os.makedirs(folder, exist_ok=True)
+    if len(_folders) > 4096:  # a tree of many folders: remembering them all is not worth it
+        _folders.clear()
+    _folders.add(folder)
 
 
 def unplace(dest: str) -> None:
@@ -119,16 +153,17 @@ def remove(path: str, st: os.stat_result) -> bool:
     return True
 
 
-def _names(dest: Path, fid: str) -> Iterator[Path]:
+def _names(dest: str, fid: str) -> Iterator[str]:
     # Decided by the file id, so a rerun after a crash finds the name it chose before.
-    stem, suffix = os.path.splitext(dest.name)
     yield dest
-    yield dest.with_name(f"{stem}.{fid[:8]}{suffix}")
+    folder, name = os.path.split(dest)
+    stem, suffix = os.path.splitext(name)
+    yield os.path.join(folder, f"{stem}.{fid[:8]}{suffix}")
     for n in range(1, 1000):
-        yield dest.with_name(f"{stem}.{fid[:8]}.{n}{suffix}")
+        yield os.path.join(folder, f"{stem}.{fid[:8]}.{n}{suffix}")
 
 
-def _same(path: str, st: os.stat_result, candidate: Path, there: os.stat_result) -> bool:
+def _same(path: str, st: os.stat_result, candidate: str, there: os.stat_result) -> bool:
     if os.path.samestat(st, there):
         return True
     if stat.S_ISLNK(st.st_mode) and stat.S_ISLNK(there.st_mode):
@@ -145,7 +180,7 @@ def _same(path: str, st: os.stat_result, candidate: Path, there: os.stat_result)
     )
 
 
-def _put(path: str, st: os.stat_result, dest: Path) -> None:
+def _put(path: str, st: os.stat_result, dest: str) -> None:
     try:
         # A hard link: no data written, and the file is whole at its final place at once.
         os.link(path, dest, follow_symlinks=False)
@@ -155,9 +190,13 @@ def _put(path: str, st: os.stat_result, dest: Path) -> None:
             raise
     # Another filesystem (EXDEV), or one without hard links: copy under a temporary name, then
     # give it its final name only when whole (link, so an existing file is never overwritten).
-    tmp = dest.with_name(f".{dest.name}.part")
+    if os.path.lexists(dest):  # taken: no copy made for nothing (place looks at what is there)
+        raise FileExistsError(errno.EEXIST, "exists", dest)
+    folder, name = os.path.split(dest)
+    tmp = os.path.join(folder, f".{name}.part")
     try:
-        tmp.unlink(missing_ok=True)  # a crashed run's partial copy
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)  # a crashed run's partial copy
         if stat.S_ISLNK(st.st_mode):
             os.symlink(os.readlink(path), tmp)
         else:
@@ -172,4 +211,4 @@ def _put(path: str, st: os.stat_result, dest: Path) -> None:
             os.rename(tmp, dest)  # no hard links here at all
     finally:
         with contextlib.suppress(OSError):
-            tmp.unlink()
+            os.unlink(tmp)

@@ -69,6 +69,10 @@ class Intake:
         ``busy``: paths in flight, whose events (a worker reading them) mean nothing new."""
         self.polling, self.settle_s, self.rescan_s, self.cap = polling, settle_s, rescan_s, cap
         self.skip = tuple(skip)
+        # the same as Path(path).is_relative_to(s) for the absolute, normalised paths events
+        # and scans give, without building a Path per event
+        self._skip_exact = frozenset(str(s) for s in self.skip)
+        self._skip_under = tuple(str(s).rstrip("/") + "/" for s in self.skip)
         self.busy = busy
         # path -> (since, (size, mtime_ns)), None before its first stat
         self._fresh: dict[str, tuple[float, tuple[int, int] | None]] = {}
@@ -78,8 +82,14 @@ class Intake:
         self._last_scan: float | None = None
 
     # -- what the watcher feeds in ------------------------------------------------------
+    def on_events(self, events: Iterable[tuple[EventKind, str]], now: float) -> None:
+        """``on_event`` for each (kind, path), in order."""
+        on_event = self.on_event
+        for kind, path in events:
+            on_event(kind, path, now)
+
     def on_event(self, kind: EventKind, path: str, now: float) -> None:
-        if self.busy(path) or any(Path(path).is_relative_to(s) for s in self.skip):
+        if self.busy(path) or path in self._skip_exact or path.startswith(self._skip_under):
             return
         if kind is EventKind.MOVED_IN and not self.polling:
             self._fresh.pop(path, None)
@@ -172,6 +182,11 @@ class Intake:
 
     def tracks(self, path: str) -> bool:
         return path in self._fresh or path in self._writing or path in self._ready
+
+    @property
+    def settling(self) -> bool:
+        """Candidates wait for their size and mtime to stand still: ``tick`` is due soon."""
+        return bool(self._fresh)
 
     @property
     def idle(self) -> bool:

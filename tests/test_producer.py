@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -22,7 +23,8 @@ from mnistq.protocol import ErrorKind, ExitCode, Reply, Result
 from mnistq.settings import Settings
 from producer import Client
 from producer.csvsink import CsvSink
-from producer.watcher import Watcher, WatchOptions
+from producer.intake import EventKind
+from producer.watcher import Hints, InotifyHints, Watcher, WatchOptions
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -250,6 +252,7 @@ class MiscountingClient(Client):
         *,
         task_id: str | None = None,
         probabilities: bool = False,
+        review_below: str | float | None = None,
     ) -> str:
         task_id = task_id or "t-" + os.urandom(8).hex()
         file_ids = list(ids) if ids else [None] * len(paths)
@@ -320,3 +323,56 @@ def test_a_second_producer_on_the_same_inbox_or_csv_is_refused(
     # A clean stop gives the locks up and leaves no lock file behind.
     assert not (first.inbox / ".mnistq.lock").exists()
     assert not (first.csv.parent / ".results.csv.lock").exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux's")
+def test_inotify_hints_follow_arrivals_writers_and_folders(tmp_path: Path) -> None:
+    """The event source alone (no broker, no worker): which events become which hints."""
+    inbox, staging, away = tmp_path / "inbox", tmp_path / "staging", tmp_path / "away"
+    (inbox / "done").mkdir(parents=True)
+    (staging / "sub").mkdir(parents=True)
+    busy = {str(inbox / "busy.png")}
+    hints = Hints(1000)
+    source = InotifyHints(inbox, hints, [inbox / "done"], busy.__contains__)
+    source.start()
+    got: list[tuple[EventKind, str]] = []
+
+    def until(path: Path, kind: EventKind) -> None:
+        deadline = time.monotonic() + 10
+        while (kind, str(path)) not in got:
+            assert time.monotonic() < deadline, got
+            got.extend(hints.take(0.05)[0])
+
+    try:
+        (staging / "a.png").write_bytes(b"x")
+        os.rename(staging / "a.png", inbox / "a.png")  # moved in whole
+        with open(inbox / "b.png", "wb") as f:  # written in place
+            f.write(b"x")
+        (inbox / "busy.png").write_bytes(b"x")  # in flight: a worker's open and close mean nothing
+        (inbox / "done" / "c.png").write_bytes(b"x")  # our own folder: not watched
+        (inbox / "notes.txt").write_bytes(b"x")  # not an image
+        (staging / "sub" / "d.png").write_bytes(b"x")
+        os.rename(staging / "sub", inbox / "sub")  # a folder moved in: what it holds, as created
+        until(inbox / "sub" / "d.png", EventKind.CREATED)
+        with open(inbox / "sub" / "e.png", "wb") as f:  # and it is watched from then on
+            f.write(b"x")
+        until(inbox / "sub" / "e.png", EventKind.CLOSED_WRITE)
+        os.rename(inbox / "sub", away)  # moved out: its watches go with it
+        (away / "f.png").write_bytes(b"x")
+        (staging / "z.png").write_bytes(b"x")
+        os.rename(staging / "z.png", inbox / "z.png")
+        until(inbox / "z.png", EventKind.MOVED_IN)
+    finally:
+        source.stop()
+        source.join(5)
+    by_path: dict[str, list[EventKind]] = {}
+    for kind, path in got:
+        by_path.setdefault(os.path.relpath(path, inbox), []).append(kind)
+    written = [EventKind.CREATED, EventKind.OPENED, EventKind.MODIFIED, EventKind.CLOSED_WRITE]
+    assert by_path == {
+        "a.png": [EventKind.MOVED_IN],
+        "b.png": written,
+        "sub/d.png": [EventKind.CREATED],
+        "sub/e.png": written,
+        "z.png": [EventKind.MOVED_IN],
+    }
