@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,28 @@ def test_a_full_batch_does_not_wait_for_more() -> None:
     a, b = _requests([4, 6])
     fa, fb = batcher.submit(a), batcher.submit(b)
     assert fa.result(timeout=10).batch_size == fb.result(timeout=10).batch_size == 10
+    batcher.close()
+
+
+def test_a_lone_request_runs_at_once_and_one_still_decoding_is_waited_for() -> None:
+    """coalesce_wait_ms is spent only on requests that said they are coming (expect)."""
+    engine = GatedEngine()
+    engine.release.set()
+    batcher = Batcher(engine, forward_batch=10, coalesce_wait_ms=600_000)  # would wait 10 minutes
+    a, b, c = _requests([2, 3, 4])
+    lone = batcher.expect()
+    assert batcher.predict(a, lone).batch_size == 2  # nothing else coming: no wait at all
+    lone.done()  # idempotent, as the worker's finally calls it again
+    first, second = batcher.expect(), batcher.expect()
+    fb = batcher.submit(b, first)
+    time.sleep(0.2)
+    assert not fb.done()  # the second request is still decoding: its images are waited for
+    fc = batcher.submit(c, second)
+    assert fb.result(timeout=10).batch_size == fc.result(timeout=10).batch_size == 7
+    failed = batcher.expect()
+    failed.done()  # a request whose files all failed hands nothing: no one waits for it
+    assert batcher.predict(a).batch_size == 2
+    assert engine.sizes == [2, 7, 2]
     batcher.close()
 
 

@@ -177,6 +177,18 @@ class Model(Protocol):
     def infer(self, images: np.ndarray) -> Prediction: ...
 
 
+class Expected:
+    """One request's promise of images (``Batcher.expect``)."""
+
+    def __init__(self, batcher: Batcher) -> None:
+        self._batcher: Batcher | None = batcher
+
+    def done(self) -> None:
+        batcher, self._batcher = self._batcher, None
+        if batcher is not None:
+            batcher._unexpect()
+
+
 class Batcher:
     """Coalesces requests from many threads into forward passes on one inference thread.
 
@@ -196,16 +208,36 @@ class Batcher:
         self.on_batch = on_batch
         self._queue: queue.Queue[tuple[np.ndarray, Future[Prediction]] | None] = queue.Queue()
         self._held: tuple[np.ndarray, Future[Prediction]] | None = None  # starts the next batch
+        # Requests decoding images they will submit (see expect): a pass waits for them, and for
+        # nothing else, so a lone image runs at once instead of after coalesce_wait_ms.
+        self._expected = 0
+        self._expected_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="mnistq-batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, images: np.ndarray) -> Future[Prediction]:
+    def expect(self) -> Expected:
+        """Say that a request is decoding images it will submit; ``submit(..., expected=)`` or
+        ``Expected.done()`` (idempotent: call it in a ``finally``) ends it."""
+        with self._expected_lock:
+            self._expected += 1
+        return Expected(self)
+
+    def _unexpect(self) -> None:
+        with self._expected_lock:
+            self._expected -= 1
+
+    def submit(self, images: np.ndarray, expected: Expected | None = None) -> Future[Prediction]:
         fut: Future[Prediction] = Future()
+        # Before the put: the put then wakes a pass waiting for it. After it, a pass could take
+        # these images, still see them expected and wait coalesce_wait_ms for nothing. The other
+        # order's worst case is a pass that closes just before they arrive (they open the next).
+        if expected is not None:
+            expected.done()
         self._queue.put((images, fut))
         return fut
 
-    def predict(self, images: np.ndarray) -> Prediction:
-        return self.submit(images).result()
+    def predict(self, images: np.ndarray, expected: Expected | None = None) -> Prediction:
+        return self.submit(images, expected).result()
 
     @property
     def version(self) -> str:
@@ -223,6 +255,8 @@ class Batcher:
         items, n = [first], len(first[0])
         deadline = time.monotonic() + self.wait
         while n < self.forward_batch:
+            if self._expected <= 0 and self._queue.empty():
+                break  # nothing is coming: waiting would only delay these images
             try:
                 item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:

@@ -37,7 +37,7 @@ class Predictor(Protocol):
     @property
     def version(self) -> str: ...
 
-    def predict(self, images: np.ndarray) -> Prediction: ...
+    def predict(self, images: np.ndarray, expected: Any = None) -> Prediction: ...
 
 
 _M_ARENA_MAX = -8  # mallopt's parameter number (malloc.h)
@@ -199,6 +199,20 @@ def classify_paths(
     batch; a failed forward pass gives its images an ``internal`` error. With ``request.review``,
     each classified image is judged for review here, by the model that classified it (an error
     result never is: a blank image keeps its no_digit error)."""
+    # The batcher waits for this request's images rather than run a pass without them, and
+    # for nothing else (test fakes have no expect).
+    expect = getattr(batcher, "expect", None)
+    expected = expect() if expect is not None else None
+    try:
+        return _classify(settings, batcher, request, hostname, expected)
+    finally:
+        if expected is not None:
+            expected.done()
+
+
+def _classify(
+    settings: Settings, batcher: Predictor, request: ClassifyRequest, hostname: str | None, expected: Any
+) -> list[Result]:
     ids, roots = request.ids, settings.roots()
     t0 = time.perf_counter()
     results: list[Result] = []
@@ -224,7 +238,8 @@ def classify_paths(
     version, forward_ms, batch_size = batcher.version, 0.0, 0
     if arrays:
         try:
-            pred = batcher.predict(np.stack(arrays))
+            x = np.stack(arrays)
+            pred = batcher.predict(x) if expected is None else batcher.predict(x, expected)
         except Exception as e:  # logged with its traceback by the batcher's thread
             for slot in slots:
                 results[slot].error = f"internal error: {type(e).__name__}: {e}"
