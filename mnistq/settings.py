@@ -112,7 +112,8 @@ class Settings:
     message_size: int = field(default=256, metadata=_env("MNISTQ_MESSAGE_SIZE", _int, "MNISTQ_BATCH_SIZE"))
     #: images per coalesced forward pass in a worker
     forward_batch: int = field(default=256, metadata=_env("MNISTQ_FORWARD_BATCH", _int, "MNISTQ_BATCH_SIZE"))
-    #: how long a worker's model thread waits for more images to fill a forward batch
+    #: how long a worker's model thread waits for the images of requests still being decoded,
+    #: to fill a forward batch (a lone request never waits)
     coalesce_wait_ms: float = field(
         default=5.0, metadata=_env("MNISTQ_COALESCE_WAIT_MS", _float, "MNISTQ_BATCH_WAIT_MS")
     )
