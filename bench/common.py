@@ -92,8 +92,11 @@ class RowCounter:
         size = os.fstat(self._fd).st_size
         if size > self._at:
             data = os.pread(self._fd, size - self._at, self._at)
-            self._lines += data.count(b"\r\n")
-            self._at += len(data)
+            # Only whole lines: a read can end inside a write, between a row's \r and its \n,
+            # and that row would never be counted.
+            whole = data.rfind(b"\n") + 1
+            self._lines += data.count(b"\r\n", 0, whole)
+            self._at += whole
         return max(0, self._lines - 1)
 
     def close(self) -> None:

@@ -153,24 +153,30 @@ class Run:
         return time.perf_counter()
 
     def cpu_s(self) -> dict[str, float]:
-        """CPU seconds (user + system) so far: the producer (`mnistq run`), the workers, Redis."""
+        """CPU seconds (user + system) so far: the producer (`mnistq run`), the workers, Redis;
+        and the workers' minor page faults ("faults")."""
         tick = os.sysconf("SC_CLK_TCK")
 
-        def of(pid: int) -> float:
+        def of(pid: int) -> tuple[float, int]:
             try:
                 fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
-                return 0.0
-            return (int(fields[11]) + int(fields[12])) / tick
+                return 0.0, 0
+            return (int(fields[11]) + int(fields[12])) / tick, int(fields[7])
 
-        out = {"producer": of(self.proc.pid), "workers": 0.0, "redis": 0.0}
+        out = {"producer": of(self.proc.pid)[0], "workers": 0.0, "redis": 0.0, "faults": 0.0}
         for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
             for pid in (task / "children").read_text().split():
                 try:
                     cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
                 except OSError:
                     continue
-                out["workers" if b"celery" in cmdline else "redis"] += of(int(pid))
+                cpu, faults = of(int(pid))
+                if b"celery" in cmdline:
+                    out["workers"] += cpu
+                    out["faults"] += faults / 1e6  # printed per image, as the CPU in us is
+                else:
+                    out["redis"] += cpu
         return out
 
     def thread_cpu_s(self) -> dict[int, float]:
@@ -298,22 +304,8 @@ def measure(config: Config, args: argparse.Namespace, tmp: Path, n: int, trees: 
         master = sorted((tmp / "burst").iterdir())  # the same PNGs, not moved
         before = raw_limit(master), our_limit(master)
         done = run.rows()
-        recorders = []
-        if args.profile:
-            args.profile.mkdir(parents=True, exist_ok=True)
-            stem = f"{n}-w{config.workers}t{config.threads}"
-            recorders = [Recorder(run.proc.pid, args.profile / f"{stem}-producer.json")]
-            recorders += [Recorder(run.worker_pids()[0], args.profile / f"{stem}-worker.json")]
-            time.sleep(1.0)  # py-spy attaches
         load = load_average()
-        cpu0, threads0 = run.cpu_s(), run.thread_cpu_s()
-        t0 = move_all(burst, run.inbox)
-        t1 = run.wait_rows(done + len(burst))
-        cpu = {k: v - cpu0[k] for k, v in run.cpu_s().items()}
-        threads = {t: v - threads0.get(t, 0.0) for t, v in run.thread_cpu_s().items()}
-        for r in recorders:
-            r.stop()
-        seconds = t1 - t0
+        seconds, cpu = moved_in(run, burst, done, args.profile, f"{n}-w{config.workers}t{config.threads}")
         rate = len(burst) / seconds
         acc, _ = accuracy(run.csv, "b")
         # The limits again, after the burst: the burst is compared with their mean, so a load
@@ -331,25 +323,7 @@ def measure(config: Config, args: argparse.Namespace, tmp: Path, n: int, trees: 
             [label, "burst: move to last row", len(burst), seconds, rate, f"{rate / raw.rate:.2f}",
              f"{rate / ours.rate:.2f}", f"{acc:.2%}", f"load {load}"]
         )  # fmt: skip
-        report.append(
-            [label, "burst: CPU us per image", len(burst), "", "", "", "", "",
-             ", ".join(f"{k} {1e6 * v / len(burst):.0f}" for k, v in cpu.items())]
-        )  # fmt: skip
-        if recorders and recorders[0].out.exists():
-            names = {
-                int(p["name"].split()[1]): p["name"].split('"')[1]
-                for p in json.loads(recorders[0].out.read_text())["profiles"]
-                if p["name"].startswith("Thread ") and '"' in p["name"]
-            }
-            print("\n== producer CPU by thread during the burst (us per image): " + ", ".join(
-                f"{names.get(t, t)} {1e6 * v / len(burst):.0f}"
-                for t, v in sorted(threads.items(), key=lambda kv: -kv[1]) if v > 0
-            ))  # fmt: skip
-        for r in recorders:
-            if r.out.exists():
-                by_own, by_cum, busy = profile_tables(r.out)
-                print(f"\n== {r.out.name}: {busy:.1f} s of busy samples; by own share\n{by_own}")
-                print(f"\n== {r.out.name}: by cumulative share\n{by_cum}", flush=True)
+        report.append([label, "burst: CPU us per image", len(burst), "", "", "", "", "", cpu])
 
         if args.trickle:
             lat = []
@@ -370,18 +344,60 @@ def measure(config: Config, args: argparse.Namespace, tmp: Path, n: int, trees: 
         if args.flood:
             flood = copies(tmp / "flood", folder / "flood")
             done = run.rows()
-            t0 = move_all(flood, run.inbox)
-            t1 = run.wait_rows(done + len(flood), timeout=3600)
-            f_rate = len(flood) / (t1 - t0)
+            stem = f"{n}-w{config.workers}t{config.threads}-flood"
+            f_seconds, f_cpu = moved_in(run, flood, done, args.profile, stem, timeout=3600)
+            f_rate = len(flood) / f_seconds
             report.append(
-                [label, f"flood of {len(flood)}", len(flood), t1 - t0, f_rate, f"{f_rate / raw.rate:.2f}",
-                 f"{f_rate / ours.rate:.2f}", "", f"load {load_average()}"]
+                [label, f"flood of {len(flood)}", len(flood), f_seconds, f_rate, f"{f_rate / raw.rate:.2f}",
+                 f"{f_rate / ours.rate:.2f}", "", f"{f_rate / rate:.2f} of the burst; load {load_average()}"]
             )  # fmt: skip
+            report.append([label, "flood: CPU us per image", len(flood), "", "", "", "", "", f_cpu])
         report.append([label, "producer peak RSS (MB)", "", run.peak_rss, "", "", "", "", ""])
     finally:
         run.stop()
     shutil.rmtree(folder, ignore_errors=True)
     return report
+
+
+def moved_in(
+    run: Run, files: list[Path], done: int, profile: Path | None, stem: str, timeout: float = 900
+) -> tuple[float, str]:
+    """Move ``files`` into the inbox at once; the seconds from the first move to the last row,
+    and the CPU per image of each process kind. With ``profile``, py-spy records the producer
+    and one worker meanwhile and their tables are printed."""
+    recorders = []
+    if profile:
+        profile.mkdir(parents=True, exist_ok=True)
+        recorders = [Recorder(run.proc.pid, profile / f"{stem}-producer.json")]
+        recorders += [Recorder(run.worker_pids()[0], profile / f"{stem}-worker.json")]
+        time.sleep(1.0)  # py-spy attaches
+    cpu0, threads0 = run.cpu_s(), run.thread_cpu_s()
+    t0 = move_all(files, run.inbox)
+    t1 = run.wait_rows(done + len(files), timeout=timeout)
+    cpu = {k: v - cpu0[k] for k, v in run.cpu_s().items()}
+    threads = {t: v - threads0.get(t, 0.0) for t, v in run.thread_cpu_s().items()}
+    for r in recorders:
+        r.stop()
+    n = len(files)
+    if recorders and recorders[0].out.exists():
+        names = {
+            int(p["name"].split()[1]): p["name"].split('"')[1]
+            for p in json.loads(recorders[0].out.read_text())["profiles"]
+            if p["name"].startswith("Thread ") and '"' in p["name"]
+        }
+        print(f"\n== {stem}: producer CPU by thread (us per image): " + ", ".join(
+            f"{names.get(t, t)} {1e6 * v / n:.0f}"
+            for t, v in sorted(threads.items(), key=lambda kv: -kv[1]) if v > 0
+        ))  # fmt: skip
+    for r in recorders:
+        if r.out.exists():
+            by_own, by_cum, busy = profile_tables(r.out)
+            print(f"\n== {r.out.name}: {busy:.1f} s of busy samples; by own share\n{by_own}")
+            print(f"\n== {r.out.name}: by cumulative share\n{by_cum}", flush=True)
+    return t1 - t0, ", ".join(
+        f"{k} {1e6 * v / n:.0f}" if k != "faults" else f"worker page faults/image {1e6 * v / n:.0f}"
+        for k, v in cpu.items()
+    )
 
 
 def alternate(configs: list[Config], args: argparse.Namespace, tmp: Path, trees: int) -> list[list[object]]:
@@ -477,8 +493,9 @@ def main() -> None:
         for _ in range(0 if args.alternate else args.repeat):
             for c in configs:
                 n += 1
-                report += measure(c, args, tmp, n, len(trees))
-                print(table(report[-7:], HEADER), flush=True)
+                rows = measure(c, args, tmp, n, len(trees))
+                report += rows
+                print(table(rows, HEADER), flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print()

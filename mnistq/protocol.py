@@ -151,12 +151,20 @@ class Result:
         return cls(path=path, id=file_id, error=message, error_kind=kind)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        # Not dataclasses.asdict: its deep copy was ~40 us a result, per image in the worker.
+        mine = self.__dict__
+        d = {k: mine[k] for k in _RESULT_FIELDS if mine[k] is not None}
+        if "probabilities" in d:
+            d["probabilities"] = list(d["probabilities"])
+        return d
+
+    def but(self, **changes: Any) -> Result:
+        """A copy with these fields changed (dataclasses.replace, at half its cost)."""
+        return Result(**{**self.__dict__, **changes})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Result:
-        known = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in known}
+        kwargs = {k: v for k, v in d.items() if k in _RESULT_KNOWN}
         kind = kwargs.get("error_kind")
         if kind is not None:
             kwargs["error_kind"] = (
@@ -165,6 +173,10 @@ class Result:
         elif kwargs.get("error"):
             kwargs["error_kind"] = ErrorKind.INTERNAL
         return cls(**kwargs)
+
+
+_RESULT_FIELDS = tuple(f.name for f in fields(Result))
+_RESULT_KNOWN = frozenset(_RESULT_FIELDS)
 
 
 @dataclass

@@ -179,7 +179,7 @@ class Finisher:
                     self._warn_once(a.path, st, f"could not move {a.path} to {where}: {e}; it stays")
                 else:
                     placed.append((a, st, dest, created))
-            rows.append(replace(a.result, path=a.path, id=a.fid, moved_to=dest or None))
+            rows.append(a.result.but(path=a.path, id=a.fid, moved_to=dest or None))
             landed.append(Landed(a, written=True, replaced=replaced))
         try:
             self.sink.append(rows)

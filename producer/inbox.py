@@ -42,24 +42,40 @@ def file_id(path: str, st: os.stat_result) -> str:
 def scan(
     inbox: Path, skip: tuple[Path, ...], known: Callable[[str], bool] | None = None
 ) -> Iterator[tuple[str, os.stat_result]]:
-    """Every wanted regular file below the inbox, lazily (a flood is never one big list).
+    """Every wanted regular file below the inbox, lazily: a folder is read as its entries are
+    taken, never listed whole first (a pass over a flood that stops when the caller is full
+    holds one buffer, and goes on from there later; see Intake.scan).
 
     ``known(path)``: the caller has it already (a candidate, in flight): not even stat'ed.
     """
-    for top, dirs, files in os.walk(inbox):
-        dirs[:] = [d for d in dirs if not d.startswith(".") and Path(top, d) not in skip]
-        # A folder named like an image is reported (as an error row), and still descended into.
-        for name in [*files, *dirs]:
-            if not wanted(name):
-                continue
-            path = os.path.join(top, name)
-            if known is not None and known(path):
-                continue
-            try:
-                st = os.stat(path, follow_symlinks=False)
-            except OSError:
-                continue
-            yield path, st
+    skipped = {str(s) for s in skip}
+    stack = [str(inbox)]
+    while stack:
+        top = stack.pop()
+        try:
+            with os.scandir(top) as entries:
+                for entry in entries:
+                    name = entry.name
+                    try:
+                        folder = entry.is_dir(follow_symlinks=False)
+                    except OSError:
+                        folder = False
+                    if folder and not name.startswith(".") and entry.path not in skipped:
+                        stack.append(entry.path)  # read after this one
+                    # A folder named like an image is reported (as an error row), and still
+                    # descended into.
+                    if not wanted(name):
+                        continue
+                    path = entry.path
+                    if known is not None and known(path):
+                        continue
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    yield path, st
+        except OSError:  # a folder gone or unreadable meanwhile: the others are still read
+            continue
 
 
 #: Errors that say the disk, not the file, is the trouble: the work waits until they pass.

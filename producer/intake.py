@@ -12,7 +12,8 @@ events (``on_event``), rescans (``scan``) and the time (``tick``), and takes rea
 - **polling** (no opens or closes are seen): ready once size and mtime have stood still for
   ``settle_s``.
 - **scan**: a file found by a rescan is ready at once if its mtime is older than ``settle_s``,
-  else it settles as in polling mode.
+  else it settles as in polling mode. A rescan is a pass over the folder, read lazily: it stops
+  when the caps are full and goes on from there when there is room again.
 
 Memory is bounded: at most ``cap`` candidates, ``cap`` files being written and ``cap`` ready
 files. Past that a hint is dropped and ``rescan_needed`` is set: the inbox keeps the file and
@@ -25,7 +26,7 @@ import enum
 import itertools
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence, Sized
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from pathlib import Path
 
 log = logging.getLogger("mnistq.producer")
@@ -80,6 +81,7 @@ class Intake:
         self._ready: dict[str, None] = {}  # an ordered set: oldest first
         self.rescan_needed = False
         self._last_scan: float | None = None
+        self._pass: Iterator[tuple[str, os.stat_result]] | None = None  # a pass to go on with
 
     # -- what the watcher feeds in ------------------------------------------------------
     def on_events(self, events: Iterable[tuple[EventKind, str]], now: float) -> None:
@@ -116,25 +118,39 @@ class Intake:
 
     def scan(
         self,
-        entries: Iterable[tuple[str, os.stat_result]],
+        entries: Iterable[tuple[str, os.stat_result]] | None,
         now: float,
         wall_now: float,
         finished: Callable[[str, os.stat_result], bool],
     ) -> None:
-        """Take in a folder walk's (path, lstat) entries, lazily; stop early when full.
+        """Start a pass over a folder walk's (path, lstat) entries, or (``None``) go on with the
+        pass that stopped when full: read lazily, up to the caps. A flood is read once per pass,
+        however often the caps fill and empty, not from the top each time (``scanning`` says a
+        pass is unfinished; ``scan_due``, when to go on with it).
 
         ``finished(path, st)``: the CSV has its row already (the caller moves it out).
         """
-        self.rescan_needed = False
-        self._last_scan = now
-        for path, st in entries:
+        if entries is not None:
+            # Asks made from now on (dropped hints) need a pass that starts after them.
+            self.rescan_needed = False
+            self._last_scan = now
+            self._pass = iter(entries)
+        walk = self._pass
+        if walk is None:
+            return
+        cap, ready, fresh = self.cap, self._ready, self._fresh
+        while len(ready) < cap and len(fresh) < cap:  # before taking an entry: none is lost
+            entry = next(walk, None)
+            if entry is None:
+                self._pass = None
+                return
+            path, st = entry
             if self.tracks(path) or self.busy(path) or finished(path, st):
                 continue
             if wall_now - st.st_mtime < self.settle_s:  # may still be written: let it settle
-                if not self._candidate(path, now, (st.st_size, st.st_mtime_ns)):
-                    return
-            elif not self._make_ready(path):
-                return
+                self._candidate(path, now, (st.st_size, st.st_mtime_ns))
+            else:
+                self._make_ready(path)
 
     def put_back(self, paths: Sequence[str]) -> None:
         """Paths taken from ``tick`` that were not sent (or must be sent again): first in line."""
@@ -174,11 +190,26 @@ class Intake:
         return taken
 
     def scan_due(self, now: float) -> bool:
-        """A rescan was asked for and there is room again, or the periodic one is due."""
+        """A pass is unfinished, or a rescan was asked for, and there is room again (half the
+        caps: a pass goes on in long strides, not one file at a time); or the periodic one is
+        due."""
+        half = self.cap // 2
+        room = len(self._ready) < half and len(self._fresh) < half
+        if self._pass is not None:
+            return room
         if self._last_scan is None or now - self._last_scan >= self.rescan_s:
             return True
-        half = self.cap // 2
-        return self.rescan_needed and len(self._ready) < half and len(self._fresh) < half
+        return self.rescan_needed and room
+
+    @property
+    def scanning(self) -> bool:
+        """A pass stopped when full and has more to read."""
+        return self._pass is not None
+
+    @property
+    def room(self) -> int:
+        """How many more ready files fit: the hints worth taking now."""
+        return max(0, self.cap - len(self._ready))
 
     def tracks(self, path: str) -> bool:
         return path in self._fresh or path in self._writing or path in self._ready
@@ -191,7 +222,7 @@ class Intake:
     @property
     def idle(self) -> bool:
         """Nothing pending: no candidate, no open writer, nothing ready, no rescan owed."""
-        return not (self._fresh or self._writing or self._ready or self.rescan_needed)
+        return not (self._fresh or self._writing or self._ready or self.rescan_needed or self._pass)
 
     def counts(self) -> dict[str, int]:
         return {"fresh": len(self._fresh), "writing": len(self._writing), "ready": len(self._ready)}

@@ -155,14 +155,41 @@ def test_a_flood_overflows_into_a_rescan_that_picks_up_the_dropped_file() -> Non
     assert intake.tick(1.0, stat=no_stat) == ["/in/d.png", "/in/e.png"]  # d waited, e was found
 
 
-def test_the_ready_set_is_capped_and_a_scan_stops_reading_the_folder_when_full() -> None:
+def test_a_pass_stops_reading_when_full_and_goes_on_where_it_stopped() -> None:
     fs = FakeFs(**{f"f{i}": (10, 0.0) for i in range(10)})
-    walk = entries(fs)
+    read: list[str] = []
+
+    def walk() -> Iterator[tuple[str, os.stat_result]]:
+        for path, st in entries(fs):
+            read.append(path)
+            yield path, st
+
     intake = Intake(cap=4)
-    intake.scan(walk, 0.0, 1000.0, lambda p, st: False)
-    assert intake.counts()["ready"] == 4 and intake.rescan_needed
-    assert len(list(walk)) == 5  # it stopped at the first that did not fit: the walk is lazy
-    assert len(intake.tick(0.0, stat=no_stat)) == 4
+    intake.scan(walk(), 0.0, 1000.0, lambda p, st: False)
+    assert intake.counts()["ready"] == 4 and intake.scanning
+    assert len(read) == 4  # it stopped before taking an entry it had no room for
+    assert not intake.scan_due(0.0)  # no room yet
+    taken = intake.tick(0.0, limit=3, stat=no_stat)
+    assert intake.scan_due(0.0)  # room again: the pass goes on (no new walk)
+    intake.scan(None, 0.0, 1000.0, lambda p, st: False)
+    taken += intake.tick(0.0, stat=no_stat)
+    intake.scan(None, 0.0, 1000.0, lambda p, st: False)
+    taken += intake.tick(0.0, stat=no_stat)
+    assert not intake.scanning and intake.idle
+    assert taken == sorted(fs.files) and read == sorted(fs.files)  # each read once, none lost
+
+
+def test_an_ask_for_a_rescan_during_a_pass_gets_a_pass_after_it() -> None:
+    # A hint dropped while a pass is under way may be for a file the pass has read past.
+    fs = FakeFs(**{f"f{i}": (10, 0.0) for i in range(6)})
+    intake = Intake(cap=4, rescan_s=30.0)
+    intake.scan(entries(fs), 0.0, 1000.0, lambda p, st: False)
+    intake.request_rescan()
+    intake.tick(0.0, stat=no_stat)
+    intake.scan(None, 0.0, 1000.0, lambda p, st: False)  # the pass ends
+    assert not intake.scanning and intake.rescan_needed
+    intake.tick(0.0, stat=no_stat)
+    assert intake.scan_due(0.0)
 
 
 def test_a_scan_skips_what_the_csv_has_and_lets_recent_files_settle() -> None:

@@ -23,8 +23,9 @@ from mnistq.protocol import ErrorKind, ExitCode, Reply, Result
 from mnistq.settings import Settings
 from producer import Client
 from producer.csvsink import CsvSink
+from producer.events import Hints, InotifyHints
 from producer.intake import EventKind
-from producer.watcher import Hints, InotifyHints, Watcher, WatchOptions
+from producer.watcher import Watcher, WatchOptions
 
 pytestmark = pytest.mark.timeout(180)
 

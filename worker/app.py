@@ -114,7 +114,7 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
         _runtime = Runtime(s, processes=processes, start_version=version, queue_depth=queue_depth)
         return
     _runtime = _load(Runtime(s, processes=1, queue_depth=queue_depth))
-    _runtime.heap.limit_arenas()
+    _runtime.heap.tune(_runtime.settings.forward_batch)
 
 
 @signals.worker_ready.connect
@@ -136,7 +136,7 @@ def _on_worker_process_init(**_: Any) -> None:
     parent = _runtime  # inherited through the fork
     processes = parent.processes if parent is not None else 1
     _runtime = _load(Runtime(settings(), processes=processes, queue_depth=queue_depth))
-    _runtime.heap.limit_arenas()
+    _runtime.heap.tune(_runtime.settings.forward_batch)
 
 
 @signals.worker_shutdown.connect
@@ -194,7 +194,7 @@ def classify(self: Task, *args: Any, **kwargs: Any) -> None:
     except Exception as e:  # the loop's edge: every path still gets its (error) result
         log.exception("classifying %d paths failed", len(request.paths))
         results = internal_failure(request, e, hostname)
-    rt.heap.trim()  # the decoded images are garbage now
+    rt.heap.trim()  # what big decodes left, if any
     if reply_to is not None:
         # A list per client: the producer pops whole task results as they finish, no polling.
         push_reply(app.backend.client, reply_to, Reply(task_id, results).dumps(), rt.settings.result_expires)
