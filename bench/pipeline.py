@@ -9,10 +9,12 @@ Measured side by side in one run, for each configuration (``--workers``, ``--thr
 - **burst**: N MNIST test PNGs moved into the inbox at once, first move to last CSV row, as a
   share of each limit; the accuracy of the rows against the labels;
 - **trickle**: one image at a time, arrival (the rename) to its CSV row: p50 and max;
-- **flood** (``--flood N``): N training PNGs moved in at once: rate, and the producer's peak RSS.
+- **flood** (``--flood N``): N training PNGs moved in at once, then the burst again (new names):
+  the flood's rate against the mean of the bursts around it; CPU per image of each process
+  kind, the workers' page faults, and the producer's peak RSS.
 
 ``--profile DIR`` records the producer (the `mnistq run` process) and one worker with py-spy
-during the burst and prints their top functions (own %, cumulative %).
+during the burst (and the flood) and prints their top functions (own %, cumulative %).
 
     python bench/pipeline.py --workers 2                 # burst 10,000 + trickle 50
     python bench/pipeline.py --workers 2 --flood 60000   # and the flood
@@ -208,13 +210,14 @@ def move_all(files: list[Path], inbox: Path) -> float:
     return t0
 
 
-def copies(master: Path, folder: Path) -> list[Path]:
-    """Fresh copies of a folder's PNGs (each run moves its own files away)."""
+def copies(master: Path, folder: Path, prefix: str = "") -> list[Path]:
+    """Fresh copies of a folder's PNGs (each run moves its own files away), named with ``prefix``
+    first (a second burst: new names, not files that take finished files' names)."""
     folder.mkdir(parents=True)
     out = []
     for f in sorted(master.iterdir()):
-        shutil.copyfile(f, folder / f.name)
-        out.append(folder / f.name)
+        shutil.copyfile(f, folder / (prefix + f.name))
+        out.append(folder / (prefix + f.name))
     return out
 
 
@@ -347,9 +350,21 @@ def measure(config: Config, args: argparse.Namespace, tmp: Path, n: int, trees: 
             stem = f"{n}-w{config.workers}t{config.threads}-flood"
             f_seconds, f_cpu = moved_in(run, flood, done, args.profile, stem, timeout=3600)
             f_rate = len(flood) / f_seconds
+            # A second burst after the flood: the flood is compared with the mean of the bursts
+            # around it, so a load that came or went meanwhile weighs on both sides alike.
+            again = copies(tmp / "burst", folder / "staging-again", prefix="a")
+            a_seconds, a_cpu = moved_in(run, again, run.rows(), args.profile, f"{stem}-again")
+            a_rate = len(again) / a_seconds
+            report.append(
+                [label, "burst again, after the flood", len(again), a_seconds, a_rate,
+                 f"{a_rate / raw.rate:.2f}", f"{a_rate / ours.rate:.2f}", "", a_cpu]
+            )  # fmt: skip
+            around = (rate + a_rate) / 2
             report.append(
                 [label, f"flood of {len(flood)}", len(flood), f_seconds, f_rate, f"{f_rate / raw.rate:.2f}",
-                 f"{f_rate / ours.rate:.2f}", "", f"{f_rate / rate:.2f} of the burst; load {load_average()}"]
+                 f"{f_rate / ours.rate:.2f}", "",
+                 f"{f_rate / around:.2f} of the bursts around it ({f_rate / rate:.2f} of the first); "
+                 f"load {load_average()}"]
             )  # fmt: skip
             report.append([label, "flood: CPU us per image", len(flood), "", "", "", "", "", f_cpu])
         report.append([label, "producer peak RSS (MB)", "", run.peak_rss, "", "", "", "", ""])

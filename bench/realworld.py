@@ -19,6 +19,7 @@ a run would send to review at the checkpoint's recommended P (judged not a digit
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -31,7 +32,15 @@ from mnistq.images import load_image
 from mnistq.settings import Settings
 from trainer.calibrate import ece, to_review
 from trainer.data import load_split
-from trainer.model import Calibration, load_checkpoint, pick_device, pick_precision, predict_logits, prepare
+from trainer.model import (
+    Calibration,
+    Checkpoint,
+    load_checkpoint,
+    pick_device,
+    pick_precision,
+    predict_logits,
+    prepare,
+)
 
 
 def photograph(digit: np.ndarray, rng: np.random.Generator, upscale: float = 1.0) -> Image.Image:
@@ -57,28 +66,15 @@ def seed_preprocess(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("L").resize((28, 28)), dtype=np.float32) / 255
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--images", type=int, default=2000, help="test digits to photograph (default: %(default)s)"
-    )
-    p.add_argument("--data-dir", type=Path, default=DATA, help="MNIST folder (default: %(default)s)")
-    p.add_argument(
-        "--upscale", type=float, default=1.0, help="enlarge each photo this much (default: %(default)s)"
-    )
-    p.add_argument(
-        "--model", type=Path, default=None, help="checkpoint (default: MNISTQ_MODEL or the shipped model)"
-    )
-    args = p.parse_args()
+def measure(args: argparse.Namespace, ckpt: Checkpoint, folder: Path) -> list[list[object]]:
+    """Photograph the first ``--images`` test digits into ``folder``; a row per preprocessing."""
     x, y, _ = load_split(args.data_dir, "test")
     rng = np.random.default_rng(0)
-    folder = Path(tempfile.mkdtemp(prefix="mnistq-photos-"))
     paths = []
     for i in range(args.images):
         path = folder / f"{i:05d}.jpg"
         photograph(x[i, 0].numpy(), rng, args.upscale).save(path, quality=90)
         paths.append(path)
-    ckpt = load_checkpoint(args.model or Settings.from_env().model)
     device = pick_device("auto")
     model, precision = prepare(ckpt.model, device), pick_precision(device)
     labels = y[: args.images]
@@ -96,6 +92,28 @@ def main() -> None:
         )
         sent = float(to_review(ckpt.calibration, logits, ckpt.calibration.review_below).float().mean())
         rows.append([name, args.images, f"{accuracy:.2%}", f"{raw:.2%}", f"{calibrated:.2%}", f"{sent:.2%}"])
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--images", type=int, default=2000, help="test digits to photograph (default: %(default)s)"
+    )
+    p.add_argument("--data-dir", type=Path, default=DATA, help="MNIST folder (default: %(default)s)")
+    p.add_argument(
+        "--upscale", type=float, default=1.0, help="enlarge each photo this much (default: %(default)s)"
+    )
+    p.add_argument(
+        "--model", type=Path, default=None, help="checkpoint (default: MNISTQ_MODEL or the shipped model)"
+    )
+    args = p.parse_args()
+    ckpt = load_checkpoint(args.model or Settings.from_env().model)
+    folder = Path(tempfile.mkdtemp(prefix="mnistq-photos-"))
+    try:
+        rows = measure(args, ckpt, folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     cal = ckpt.calibration
     print(
         f"model {ckpt.version}, temperature {cal.temperature:.4f}" + ("" if cal.fitted else " (uncalibrated)")

@@ -269,7 +269,9 @@ def _watch(args: argparse.Namespace, redis_url: str, settings: Settings, stop: t
         bar.close()
         sink.close()
     print(
-        f"done {progress.done} ({progress.failed} failed), {progress.images_per_s:.0f} images/s",
+        f"done {progress.done} ({progress.failed} failed"
+        + (f", {progress.review} to review" if progress.review else "")
+        + f"), {progress.images_per_s:.0f} images/s",
         file=sys.stderr,
     )
     return ExitCode.ABANDONED if progress.abandoned else ExitCode.OK

@@ -65,6 +65,7 @@ class Progress:
     in_flight: int
     busy_s: float  # time with files in flight: the rate's denominator, idle time left out
     abandoned: int = 0  # in flight when the watcher stopped; redone on the next start
+    review: int = 0  # of the rows written, files sent to review/
 
     @property
     def images_per_s(self) -> float:
@@ -141,7 +142,7 @@ class Dispatcher:
         self._flights: dict[str, _Flight] = {}  # file id -> where it is
         self._paths: set[str] = set()  # the paths of _flights, for the intake's "busy"
         self._tasks: dict[str, _Task] = {}  # task id -> its files, until its answer or its loss
-        self._sent = self._done = self._failed = self._abandoned = 0
+        self._sent = self._done = self._failed = self._abandoned = self._review = 0
         self._busy_s = 0.0
         self._busy_since: float | None = None
         self._next_look = 0.0
@@ -295,7 +296,9 @@ class Dispatcher:
             busy = self._busy_s
             if self._busy_since is not None:
                 busy += self.clock() - self._busy_since
-            return Progress(self._sent, self._done, self._failed, len(self._flights), busy, self._abandoned)
+            return Progress(
+                self._sent, self._done, self._failed, len(self._flights), busy, self._abandoned, self._review
+            )
 
     # -- the collector's side -----------------------------------------------------------
     def on_reply(self, reply: Reply) -> None:
@@ -348,7 +351,7 @@ class Dispatcher:
         count per message, not per file."""
         if not landed:
             return
-        done = failed = 0
+        done = failed = review = 0
         replaced: list[str] = []
         with self._lock:
             for x in landed:
@@ -358,11 +361,14 @@ class Dispatcher:
                     if a.result.error is not None:
                         failed += 1
                         log.debug("failed: %s: %s", a.path, a.result.error)
+                    elif a.result.review:
+                        review += 1
                 self._land(a.fid)
                 if x.replaced:
                     replaced.append(a.path)
             self._done += done
             self._failed += failed
+            self._review += review
         if self.on_replaced is not None:
             for path in replaced:
                 self.on_replaced(path)

@@ -190,6 +190,8 @@ def test_watch_with_no_p_sends_files_to_review_by_the_served_models_threshold(
         assert proc.wait(60) == 0
     log = (folder / "watch.log").read_text()
     assert "review:  " in log and "the model's recommended threshold" in log, log
+    sent = sum(1 for reason in want.values() if reason)
+    assert f"done {len(want)} (0 failed, {sent} to review)" in log, log  # the final line
     check_places(rows, want, folder)
     # the confidence is the calibrated one (temperature 1.5), as the row writes it
     probs = served.cal.probs(served.logits).max(1).values.numpy()
