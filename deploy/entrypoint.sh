@@ -107,9 +107,9 @@ complaint() {
         "$what" "$folders" "$owner" "$me" "$me" "$me" "$2"
 }
 
-trap 'rm -f "$BLOCKED"; exit 143' TERM
-trap 'rm -f "$BLOCKED"; exit 130' INT
-rm -f "$BLOCKED"
+trap 'rm -f "$BLOCKED" "$BLOCKED.part"; exit 143' TERM
+trap 'rm -f "$BLOCKED" "$BLOCKED.part"; exit 130' INT
+rm -f "$BLOCKED" "$BLOCKED.part"
 case $cmd in
     worker | watch | run) ;;
     *)
@@ -124,7 +124,10 @@ esac
 said=
 while found=$(problems) && [ -n "$found" ]; do
     if [ "$found" != "$said" ]; then
-        complaint "$found" "docker compose up -d; waiting" | tee "$BLOCKED" >&2
+        # Whole or not at all: the health check may read it at any moment.
+        complaint "$found" "docker compose up -d; waiting" >"$BLOCKED.part"
+        mv -f "$BLOCKED.part" "$BLOCKED"
+        cat "$BLOCKED" >&2
         said=$found
     fi
     sleep 5 &
