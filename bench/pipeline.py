@@ -103,18 +103,21 @@ class Run:
                 return
             time.sleep(0.2)
 
-    def worker_pids(self) -> list[int]:
-        """The Celery worker processes (children of `mnistq run` running celery)."""
-        pids = []
+    def children(self) -> list[tuple[int, bool]]:
+        """`mnistq run`'s child processes: (pid, whether it is a Celery worker; else Redis)."""
+        out = []
         for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
             for pid in (task / "children").read_text().split():
                 try:
                     cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
                 except OSError:
                     continue
-                if b"celery" in cmdline:
-                    pids.append(int(pid))
-        return sorted(pids)
+                out.append((int(pid), b"celery" in cmdline))
+        return out
+
+    def worker_pids(self) -> list[int]:
+        """The Celery worker processes (children of `mnistq run` running celery)."""
+        return sorted(pid for pid, worker in self.children() if worker)
 
     def wait_ready(self, warm: list[Path], timeout: float = 300) -> None:
         """Until every worker has run a task: warm-up images through the pipeline, one at a time."""
@@ -167,18 +170,13 @@ class Run:
             return (int(fields[11]) + int(fields[12])) / tick, int(fields[7])
 
         out = {"producer": of(self.proc.pid)[0], "workers": 0.0, "redis": 0.0, "faults": 0.0}
-        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
-            for pid in (task / "children").read_text().split():
-                try:
-                    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-                except OSError:
-                    continue
-                cpu, faults = of(int(pid))
-                if b"celery" in cmdline:
-                    out["workers"] += cpu
-                    out["faults"] += faults / 1e6  # printed per image, as the CPU in us is
-                else:
-                    out["redis"] += cpu
+        for pid, worker in self.children():
+            cpu, faults = of(pid)
+            if worker:
+                out["workers"] += cpu
+                out["faults"] += faults / 1e6  # printed per image, as the CPU in us is
+            else:
+                out["redis"] += cpu
         return out
 
     def thread_cpu_s(self) -> dict[int, float]:
