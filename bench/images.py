@@ -37,13 +37,13 @@ import numpy as np
 import PIL
 from common import DATA, export_pngs, table
 from PIL import Image, ImageFilter
-from realworld import photograph
 
 import mnistq.images as mi
 import mnistq.images_reference as ir
 import mnistq.normalise as nz
 import mnistq.safeopen
 from trainer.data import load_split
+from trainer.photos import photograph
 from worker.paths import checked_path
 
 Row = tuple[str, Callable[[Any], object], Sequence[Any], int]  # name, fn, items, images in them

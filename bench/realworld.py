@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import DATA, table
-from PIL import Image, ImageFilter
+from PIL import Image
 
 from mnistq.images import load_image
 from mnistq.settings import Settings
@@ -41,24 +41,7 @@ from trainer.model import (
     predict_logits,
     prepare,
 )
-
-
-def photograph(digit: np.ndarray, rng: np.random.Generator, upscale: float = 1.0) -> Image.Image:
-    scale = rng.uniform(3, 6)
-    size = round(28 * scale)
-    ink = Image.fromarray(digit).resize((size, size), Image.Resampling.BICUBIC)
-    w, h = size + int(rng.integers(40, 200)), size + int(rng.integers(40, 160))
-    ramp = np.linspace(rng.uniform(0.7, 0.85), rng.uniform(0.85, 0.95), w, dtype=np.float32)
-    paper = np.tile(ramp, (h, 1))
-    x, y = int(rng.integers(0, w - size)), int(rng.integers(0, h - size))
-    strokes = np.asarray(ink, dtype=np.float32) / 255
-    paper[y : y + size, x : x + size] *= 1 - 0.85 * strokes  # dark ink on light paper
-    im = Image.fromarray((np.clip(paper, 0, 1) * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(1.0))
-    noisy = np.asarray(im, dtype=np.float32) + rng.normal(0, 6, (h, w))
-    photo = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).convert("RGB")
-    if upscale != 1.0:
-        photo = photo.resize((round(w * upscale), round(h * upscale)), Image.Resampling.BICUBIC)
-    return photo
+from trainer.photos import photograph
 
 
 def seed_preprocess(path: Path) -> np.ndarray:

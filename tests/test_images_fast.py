@@ -4,12 +4,11 @@
 
 Always run: a few hundred synthetic digits from a tiny IDX set, and the edge cases. With the real
 MNIST files (``slow``): all 10,000 test images as PNG files, and digits "photographed" as
-bench/realworld.py makes them.
+bench/realworld.py makes them (trainer/photos.py).
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers_images import REAL_DATA, REPO_ROOT, SHIPPED_MODEL, digit_image, make_tiny_mnist
+from helpers_images import REAL_DATA, SHIPPED_MODEL, digit_image, make_tiny_mnist
 from PIL import Image, ImageFilter
 
 import mnistq.images as mi
@@ -27,6 +26,7 @@ from mnistq.errors import ImageError
 from mnistq.protocol import ErrorKind
 from trainer import data
 from trainer.model import load_checkpoint, predict_probs
+from trainer.photos import photograph
 
 #: What the fast paths may differ from the reference by. They compute its values bit for bit
 #: here (observed: 0.0 on all 10,000 MNIST test PNGs), so this only allows for another numpy.
@@ -317,11 +317,6 @@ def test_all_10000_mnist_test_pngs_read_as_the_reference(tmp_path, ckpt):
 @pytest.mark.timeout(900)
 def test_realworld_bench_photos_read_as_the_reference(tmp_path, ckpt):
     """All 2,000 of bench/realworld.py's photographs (its generator, its seed, its default count)."""
-    sys.path.insert(0, str(REPO_ROOT / "bench"))
-    try:
-        from realworld import photograph
-    finally:
-        sys.path.remove(str(REPO_ROOT / "bench"))
     x, _, _ = data.load_split(REAL_DATA, "test")
     rng = np.random.default_rng(0)
     paths = []
