@@ -33,7 +33,7 @@ from typing import Protocol
 from mnistq.protocol import ErrorKind, Reply, Result
 from producer.client import miscounted
 from producer.csvsink import CsvSink
-from producer.evidence import LostWork, NoProbe
+from producer.evidence import Lookout, LostWork, NoProbe
 from producer.finish import RETRY_S, Answer, Finisher, Landed
 from producer.inbox import file_id, identity
 
@@ -41,8 +41,6 @@ log = logging.getLogger("mnistq.producer")
 
 #: files in flight at most: bounds the producer's memory and the queue, whatever the inbox holds
 MAX_IN_FLIGHT = 4096
-#: seconds between the loop's looks at what is in flight (LostWork rate-limits its own probes)
-LOOK_EVERY_S = 0.5
 #: at most one line per this many seconds about sends that fail (a broker that is down)
 SEND_WARN_EVERY_S = 30.0
 
@@ -83,22 +81,6 @@ class _Flight:
 class _Task:
     files: list[tuple[str, str]]  # [(path, file id)]
     sent_at: float
-
-
-class _Look(threading.Thread):
-    """One look for lost work, on a thread of its own (see Dispatcher._lost_now)."""
-
-    def __init__(self, lost: LostWork, in_flight: dict[str, float]) -> None:
-        super().__init__(name="mnistq-look", daemon=True)
-        self.lost, self.in_flight = lost, in_flight
-        self.answer: set[str] = set()
-        self.start()
-
-    def run(self) -> None:
-        try:
-            self.answer = self.lost.lost(self.in_flight)
-        except Exception as e:  # a look that fails is no evidence either way
-            log.debug("could not look for lost work: %s: %s", type(e).__name__, e)
 
 
 class Dispatcher:
@@ -145,9 +127,7 @@ class Dispatcher:
         self._sent = self._done = self._failed = self._abandoned = self._review = 0
         self._busy_s = 0.0
         self._busy_since: float | None = None
-        self._next_look = 0.0
-        self._look: _Look | None = None
-        self._look_aside = getattr(self.lost.probe, "blocking", False)
+        self._lookout = Lookout(self.lost)
         self._send_warned_at: float | None = None
 
     # -- the loop's side ----------------------------------------------------------------
@@ -230,7 +210,7 @@ class Dispatcher:
         """Every turn of the loop: retry rows the disk refused; take back the files of lost
         messages (the caller sends them again)."""
         self._landed(self.finisher.retry())
-        lost = self._lost_now(self.clock())
+        lost = self._lookout.lost_now(self.clock(), self._in_flight)
         if not lost:
             return []
         paths = []
@@ -254,26 +234,9 @@ class Dispatcher:
                 )
         return paths
 
-    def _lost_now(self, now: float) -> set[str]:
-        """The tasks a look found lost. A look that may wait (on the workers' answers to an
-        inspect, up to a second, whenever a task is between the broker's lists, e.g. answered
-        but not yet read) runs on a thread of its own: the loop never waits for it, so files that
-        arrive meanwhile are sent at once; its answer is taken on a later tick."""
-        look = self._look
-        if look is not None:
-            if look.is_alive():
-                return set()
-            self._look = None
-            return look.answer
-        if now < self._next_look:
-            return set()
-        self._next_look = now + LOOK_EVERY_S
+    def _in_flight(self) -> dict[str, float]:
         with self._lock:
-            in_flight = {tid: t.sent_at for tid, t in self._tasks.items()}
-        if not in_flight or not self._look_aside or not self.lost.due():
-            return self.lost.lost(in_flight)  # no look now, or a quick one: here
-        self._look = _Look(self.lost, in_flight)
-        return set()
+            return {tid: t.sent_at for tid, t in self._tasks.items()}
 
     def already_done(self, path: str, st: os.stat_result) -> bool:
         """A scan's question: has this file its row already? If so, its inbox entry goes now

@@ -20,6 +20,7 @@ both missed it, and it was sent before the first.
 - :class:`LostWork` decides, and rate-limits the looking (at most once per ``confirm_s``).
   Where there is no looking (``present()`` None), a task unanswered for ``fallback_s``
   (MNISTQ_RESEND_AFTER_S, 45 s by default) counts as lost.
+- :class:`Lookout` asks it from the watcher's loop, a look that may wait on a thread aside.
 
 Sending lost work again is safe: the ledger (the CSV's ids, or a Job's slots) takes the first
 answer per file and drops any later one.
@@ -30,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Collection, Mapping
 from typing import Any, Protocol
@@ -71,7 +73,7 @@ class RedisProbe:
     """Which task ids are in the queue, in kombu's unacked hash, or on a worker."""
 
     #: a look may wait for the workers' answers (``inspect_timeout``): callers with a loop to
-    #: keep going look on another thread (producer/dispatch.py)
+    #: keep going look on another thread (Lookout)
     blocking = True
 
     def __init__(
@@ -225,6 +227,58 @@ class LostWork:
         except Exception as e:  # a probe's failure is no evidence
             log.debug("could not look for lost work: %s: %s", type(e).__name__, e)
             return None
+
+
+#: seconds between a Lookout's looks (LostWork rate-limits its own probes as well)
+LOOK_EVERY_S = 0.5
+
+
+class _Look(threading.Thread):
+    """One look for lost work, on a thread of its own."""
+
+    def __init__(self, lost: LostWork, in_flight: dict[str, float]) -> None:
+        super().__init__(name="mnistq-look", daemon=True)
+        self.lost, self.in_flight = lost, in_flight
+        self.answer: set[str] = set()
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.answer = self.lost.lost(self.in_flight)
+        except Exception as e:  # a look that fails is no evidence either way
+            log.debug("could not look for lost work: %s: %s", type(e).__name__, e)
+
+
+class Lookout:
+    """Asks ``LostWork`` from a loop that must never wait. A look that may wait (on the
+    workers' answers to an inspect, up to a second, whenever a task is between the broker's
+    lists, e.g. answered but not yet read) runs on a thread of its own: the loop goes on, so
+    files that arrive meanwhile are sent at once, and the look's answer is taken on a later
+    call."""
+
+    def __init__(self, lost: LostWork, every_s: float = LOOK_EVERY_S) -> None:
+        self.lost, self.every_s = lost, every_s
+        self._aside = getattr(lost.probe, "blocking", False)
+        self._next = 0.0
+        self._look: _Look | None = None
+
+    def lost_now(self, now: float, in_flight: Callable[[], dict[str, float]]) -> set[str]:
+        """The task ids a look found lost (empty until one has); ``in_flight()``: task id ->
+        sent_at, a copy taken under the caller's lock."""
+        look = self._look
+        if look is not None:
+            if look.is_alive():
+                return set()
+            self._look = None
+            return look.answer
+        if now < self._next:
+            return set()
+        self._next = now + self.every_s
+        tasks = in_flight()
+        if not tasks or not self._aside or not self.lost.due():
+            return self.lost.lost(tasks)  # no look now, or a quick one: here
+        self._look = _Look(self.lost, tasks)
+        return set()
 
 
 def lost_work_for(client: object, fallback_s: float, confirm_s: float = 5.0) -> LostWork:

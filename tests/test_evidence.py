@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import pytest
@@ -12,7 +13,7 @@ from conftest import fresh_db
 from mnistq.celeryconf import make_app
 from mnistq.protocol import QUEUE, TASK_NAME, ClassifyRequest
 from mnistq.settings import Settings
-from producer.evidence import LostWork, NoProbe, RedisProbe, lost_work_for
+from producer.evidence import Lookout, LostWork, NoProbe, RedisProbe, lost_work_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -107,3 +108,51 @@ def test_a_redis_that_is_down_is_no_evidence() -> None:
     app = make_app(Settings(redis_url="redis://127.0.0.1:9/0"))
     probe = RedisProbe(app, redis.Redis.from_url("redis://127.0.0.1:9/0", socket_connect_timeout=1))
     assert probe.present() is None
+
+
+class SlowProbe:
+    """A probe whose look waits (as an inspect of the workers does) until it is let go."""
+
+    blocking = True
+
+    def __init__(self) -> None:
+        self.go = threading.Event()
+        self.looks = 0
+
+    def present(self) -> set[str] | None:
+        self.looks += 1
+        assert self.go.wait(10)
+        return set()  # nothing present: all in flight is missing
+
+
+def test_a_look_that_waits_does_not_hold_up_the_loop() -> None:
+    probe = SlowProbe()
+    clock = [100.0]
+    lookout = Lookout(LostWork(probe, confirm_s=0.0, clock=lambda: clock[0]), every_s=0.0)
+    in_flight = {"t1": 50.0}
+    started = time.monotonic()
+    assert lookout.lost_now(clock[0], lambda: dict(in_flight)) == set()  # the look goes aside
+    assert lookout.lost_now(clock[0], lambda: dict(in_flight)) == set()  # still looking: no second
+    assert time.monotonic() - started < 1.0 and probe.looks == 1
+    probe.go.set()
+    deadline = time.monotonic() + 10
+    while (answer := lookout.lost_now(clock[0], lambda: dict(in_flight))) == set():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    # the answer of the look made aside (confirm_s 0: one look that missed it is enough)
+    assert answer == {"t1"} and probe.looks == 1
+
+
+def test_looks_come_no_oftener_than_every_s() -> None:
+    probe = NoProbe()
+    lost = LostWork(probe, confirm_s=0.0, fallback_s=1.0, clock=lambda: 100.0)
+    lookout = Lookout(lost, every_s=0.5)
+    asked: list[int] = []
+
+    def in_flight() -> dict[str, float]:
+        asked.append(1)
+        return {"old": 10.0}
+
+    assert lookout.lost_now(100.0, in_flight) == {"old"}  # fallback: unanswered for 90 s
+    assert lookout.lost_now(100.2, in_flight) == set() and len(asked) == 1
+    assert lookout.lost_now(100.6, in_flight) == {"old"} and len(asked) == 2
