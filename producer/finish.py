@@ -13,8 +13,10 @@ For each message (``submit``), in this order:
    the row is written, and the ledger keeps the file from a second one.
 
 A restart between the steps finds either no row (the file is redone; the link a crashed run
-left in done/ is the same inode, and ``place`` reuses it) or the row (``finish_known``, called
-by every scan, removes the inbox entry). Never a file without its row, never two rows. Linking
+left in done/ is the same inode, and ``place`` reuses it; one left where the redo does not go,
+in review/ when the threshold changed or under a name with the old file id, is removed once the
+new row is written) or the row (``finish_known``, called by every scan, removes the inbox
+entry). Never a file without its row, never two rows. Linking
 changes a file's ctime, so its file id: an inbox entry whose id has no row but whose path's
 row names this very inode as its final place counts as done (so does a file hard-linked back
 from done/ under its old name: copy it, not link it, to have it read again).
@@ -38,7 +40,16 @@ from pathlib import Path
 
 from mnistq.protocol import Result
 from producer.csvsink import CsvSink, escape, unescaped
-from producer.inbox import DISK_ERRNOS, file_id, identity, place, remove, target, unplace
+from producer.inbox import (
+    DISK_ERRNOS,
+    file_id,
+    identity,
+    place,
+    remove,
+    target,
+    unlink_strays,
+    unplace,
+)
 
 log = logging.getLogger("mnistq.producer")
 
@@ -189,9 +200,13 @@ class Finisher:
         except Exception:  # a bug: no link stays in done/ without its row (a crash's links are reused)
             self._undo(placed)
             raise
-        # Only now, with their rows written, do the inbox entries go.
+        # Only now, with their rows written, do the inbox entries go; before them, the links a
+        # run that stopped before its rows left where these files no longer go (while the inbox
+        # entry stays, a crash here still finds the row: Finisher._linked_row).
         gone: dict[str, bool] = {}
         for a, st, dest, _ in placed:
+            if st.st_nlink > 1:
+                unlink_strays(st, dest, self._firsts(a.path))
             gone[a.fid] = self._remove(a.path, st, dest)
         return [replace(x, replaced=True) if gone.get(x.answer.fid) is False else x for x in landed]
 
@@ -200,6 +215,10 @@ class Finisher:
         if r.error is not None:
             return self.failed_dir
         return self.review_dir if r.review else self.done_dir
+
+    def _firsts(self, path: str) -> list[str]:
+        """The file's first-choice name in each output folder."""
+        return [target(path, self.inbox, d) for d in (self.done_dir, self.review_dir, self.failed_dir)]
 
     def _current(self, a: Answer) -> tuple[os.stat_result | None, bool]:
         """The file to place: (its lstat, False); (None, True) when another file took its name;
@@ -252,6 +271,8 @@ class Finisher:
                 return True  # warned once already: it stays, quietly
             dest = self._ensure_placed(path, st, moved)
             if dest is not None:
+                if st.st_nlink > 1:  # a crash after the row, before the strays went (_commit)
+                    unlink_strays(st, dest, self._firsts(path))
                 self._remove(path, st, dest)
         return True
 

@@ -11,7 +11,7 @@ import hashlib
 import os
 import shutil
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from mnistq.protocol import EXTENSIONS
@@ -167,6 +167,37 @@ def remove(path: str, st: os.stat_result) -> bool:
     with contextlib.suppress(FileNotFoundError):  # gone meanwhile: as good as removed
         os.unlink(path)
     return True
+
+
+def unlink_strays(st: os.stat_result, dest: str, firsts: Iterable[str]) -> None:
+    """Remove the other links to this very file (``st``) at the names ``place`` could have given
+    it, ``dest`` kept: a run that stopped between ``place`` and the row left them where it then
+    meant to put the file (another folder, when the review threshold or the model changed), or
+    under a name with the file id of before (linking changed the file's ctime, so its id).
+    ``firsts``: its first-choice name in each output folder. Call with the row naming ``dest``
+    written, and only for a file with other links (``st_nlink`` > 1): a folder is read only
+    where its first-choice name is another file's (a stray may then carry an id)."""
+    for first in firsts:
+        folder, name = os.path.split(first)
+        stem, suffix = os.path.splitext(name)
+        try:
+            there: os.stat_result | None = os.lstat(first)
+        except OSError:
+            there = None
+        names = [first]
+        if there is not None and not os.path.samestat(there, st):
+            with contextlib.suppress(OSError), os.scandir(folder) as entries:
+                names = [
+                    e.path
+                    for e in entries
+                    if e.name.startswith(f"{stem}.") and e.name.endswith(suffix) and e.inode() == st.st_ino
+                ]
+        for candidate in names:
+            if candidate == dest:
+                continue
+            with contextlib.suppress(OSError):
+                if os.path.samestat(os.lstat(candidate), st):
+                    os.unlink(candidate)
 
 
 def _names(dest: str, fid: str) -> Iterator[str]:

@@ -365,3 +365,61 @@ def test_a_crash_at_any_step_leaves_each_reviewed_file_one_row_in_review(
     assert sorted(p.name for p in review.iterdir()) == ["f0.png", "f2.png"]
     assert sorted(p.name for p in s.done.iterdir()) == ["f1.png", "f3.png"]
     assert list(s.inbox.iterdir()) == []
+
+
+def test_a_crash_before_the_row_leaves_no_link_where_the_redo_does_not_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed after linking into review/, before the row; the redo's answer differs (another
+    --review-below, or a new model): the file ends in done/ only, not also in review/. And a
+    name that carried the file id (f1.png was taken) is not left behind under the old id."""
+    s = Setup(tmp_path, 2)
+    review = tmp_path / "review"
+    review.mkdir()
+    (review / "f1.png").write_bytes(b"an earlier f1.png, not to be overwritten")
+    s.dispatch.send(s.paths)
+
+    def crash(*_: object) -> None:
+        raise Crash
+
+    with monkeypatch.context() as m:
+        m.setattr(CsvSink, "append", crash)
+        with pytest.raises(Crash):
+            s.dispatch.on_reply(_reviewed(s.broker.sent[-1], ["low confidence", "low confidence"]))
+    assert len(list(review.iterdir())) == 3  # f0.png, the earlier f1.png, f1.<id>.png
+    d = restart(s)
+    d.send(scan(s))
+    d.on_reply(_reviewed(s.broker.sent[-1], [None, "low confidence"]))
+    rows = {Path(r["path"]).name: r["moved_to"] for r in read_rows(s.csv)}
+    assert rows["f0.png"] == str(s.done / "f0.png")
+    assert Path(rows["f1.png"]).parent == review
+    # every file in the output folders is named by a row, or was there before
+    left = {str(p) for f in (review, s.done) for p in f.iterdir()}
+    assert left == {rows["f0.png"], rows["f1.png"], str(review / "f1.png")}
+    assert (review / "f1.png").read_bytes().startswith(b"an earlier")
+    assert list(s.inbox.iterdir()) == []
+
+
+def test_a_stray_link_left_past_the_row_goes_with_the_inbox_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed after the row, before the strays and the inbox entry went: the next scan removes
+    both (the row stands, one row)."""
+    s = Setup(tmp_path, 1)
+    review = tmp_path / "review"
+    review.mkdir()
+    os.link(s.paths[0], review / "f0.png")  # as a run killed before its row left it
+    s.dispatch.send(s.paths)
+
+    def crash(*_: object) -> None:
+        raise Crash
+
+    with monkeypatch.context() as m:
+        m.setattr(producer.finish, "unlink_strays", crash)
+        with pytest.raises(Crash):
+            s.dispatch.on_reply(answer(s.broker.sent[-1]))
+    assert (review / "f0.png").exists() and Path(s.paths[0]).exists()
+    restart(s)
+    assert scan(s) == []
+    assert [r["moved_to"] for r in read_rows(s.csv)] == [str(s.done / "f0.png")]
+    assert list(review.iterdir()) == [] and list(s.inbox.iterdir()) == []
