@@ -23,7 +23,8 @@ from helpers_run import read_rows
 from mnistq.protocol import Reply, Result
 from producer.broker import Outage
 from producer.csvsink import CsvSink
-from producer.events import Hints, InotifyHints
+from producer.events import Hints
+from producer.inotify import InotifyHints
 from producer.intake import EventKind
 from producer.watcher import Watcher, WatchOptions
 

@@ -23,7 +23,8 @@ from mnistq.protocol import ErrorKind, ExitCode, Reply, Result
 from mnistq.settings import Settings
 from producer import Client
 from producer.csvsink import CsvSink
-from producer.events import Hints, InotifyHints
+from producer.events import Hints
+from producer.inotify import InotifyHints
 from producer.intake import EventKind
 from producer.watcher import Watcher, WatchOptions
 
