@@ -1,5 +1,5 @@
-"""`mnistq watch` and `mnistq classify`; ``watch_parser``, ``check_paths`` and ``watch`` also serve
-`mnistq run`.
+"""`mnistq watch` and `mnistq classify`; ``watch_parser`` and ``watch`` also serve `mnistq run`
+(with producer/lock.py's ``check_paths``).
 
 The human output lives here: the paths at start, the progress bar (a terminal only), the final
 line, `classify`'s answers. The modules below it only log. A mistake is one line and exit code
@@ -9,7 +9,6 @@ line, `classify`'s answers. The modules below it only log. A mistake is one line
 from __future__ import annotations
 
 import argparse
-import atexit
 import contextlib
 import os
 import signal
@@ -30,11 +29,8 @@ from producer.client import Client
 from producer.csvsink import CsvSink
 from producer.dispatch import Progress
 from producer.finish import review_dir_for
-from producer.lock import PathLock
+from producer.lock import check_csv, check_paths, lock_csv, release_paths
 from producer.watcher import Watcher, WatchOptions
-
-#: The inbox's lock file: hidden, so the watcher never takes it for work.
-INBOX_LOCK = ".mnistq.lock"
 
 
 def one_line_errors(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -108,90 +104,6 @@ def watch_parser(prog: str, settings: Settings) -> argparse.ArgumentParser:
         f"{_review_default(settings.review_below)}; MNISTQ_REVIEW_BELOW)",
     )
     return one_line_errors(p)
-
-
-# -- paths and locks ------------------------------------------------------------------------
-#: The locks this process holds, by lock file: `mnistq run` takes them before it starts its
-#: children, and the ``watch`` it then calls finds them held.
-_held: dict[Path, PathLock] = {}
-
-
-def _check_csv(csv: Path) -> Path:
-    """The CSV's absolute path; ConfigError if it is a folder or its folder is missing."""
-    path = csv.expanduser().resolve()
-    if path.is_dir():
-        raise ConfigError(f"the results file {csv} is a folder (--csv or MNISTQ_CSV names a file)")
-    if not path.parent.is_dir():
-        raise ConfigError(
-            f"the folder of the results file {csv} does not exist: create {path.parent} first, "
-            "or choose another --csv"
-        )
-    return path
-
-
-def _check_writable(csv: Path) -> None:
-    try:  # an existing file: can it be appended to? (a new one: the lock file beside it proved it)
-        os.close(os.open(csv, os.O_WRONLY | os.O_APPEND))
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        raise ConfigError(f"cannot write the results file {csv}: {e.strerror}") from None
-
-
-def check_paths(args: argparse.Namespace) -> None:
-    """Check the inbox, the CSV and the done/failed folders of ``args``, and take the locks that
-    make this process the only producer on that inbox and that CSV.
-
-    Each mistake is a ConfigError (one line, exit 2): an inbox that is a file or cannot be
-    created (the inbox is the one thing created here), a CSV whose folder is missing or that
-    cannot be written, another producer on either (its PID named). The locks are held until
-    ``watch`` returns or the process ends; calling this again in the same process is harmless.
-    """
-    inbox = args.inbox.expanduser().resolve()
-    if inbox.exists() and not inbox.is_dir():
-        raise ConfigError(f"the inbox {args.inbox} is a file, not a folder (--inbox or MNISTQ_INBOX)")
-    csv = _check_csv(args.csv)
-    done = args.done_dir or csv.parent / "done"
-    for option, folder in (
-        ("--done-dir", done),
-        ("--failed-dir", args.failed_dir or csv.parent / "failed"),
-        ("the review folder", review_dir_for(done)),
-    ):
-        if folder.exists() and not folder.is_dir():
-            raise ConfigError(f"{option} {folder} is a file, not a folder")
-    taken: list[PathLock] = []
-    try:
-        # The CSV's first: a second producer is refused before the inbox is created.
-        taken += _lock(csv.parent / f".{csv.name}.lock", f"writing {csv}")
-        _check_writable(csv)
-        try:
-            inbox.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ConfigError(f"cannot create the inbox {args.inbox}: {e.strerror}") from None
-        taken += _lock(inbox / INBOX_LOCK, f"watching {inbox}")
-    except BaseException:
-        for lock in taken:
-            _held.pop(lock.path, None)
-            lock.release()
-        raise
-
-
-def _lock(path: Path, what: str) -> list[PathLock]:
-    """Take one lock unless this process holds it; returns it if it was taken now."""
-    if path in _held:
-        return []
-    lock = PathLock(path, what)
-    lock.acquire()
-    if not _held:
-        atexit.register(release_paths)  # a clean exit leaves no lock file behind
-    _held[path] = lock
-    return [lock]
-
-
-def release_paths() -> None:
-    """Give up the locks taken by ``check_paths`` (``watch`` does, when it returns)."""
-    while _held:
-        _held.popitem()[1].release()
 
 
 # -- watch ----------------------------------------------------------------------------------
@@ -309,10 +221,10 @@ def classify_main(argv: list[str]) -> int:
         "--timeout", type=float, default=120.0, help="seconds to wait for all results (default: %(default)s)"
     )
     args = one_line_errors(p).parse_args(argv)
-    csv = _check_csv(args.csv) if args.csv else None
+    csv = check_csv(args.csv) if args.csv else None
     try:
         if csv:  # one producer per CSV: not beside a watcher writing the same file
-            _lock(csv.parent / f".{csv.name}.lock", f"writing {csv}")
+            lock_csv(csv)
         return _classify(args.paths, args.timeout, csv, settings)
     finally:
         release_paths()

@@ -1,4 +1,5 @@
-"""One producer per inbox and per CSV: an exclusive ``flock`` on a small lock file for each.
+"""One producer per inbox and per CSV: an exclusive ``flock`` on a small lock file for each,
+taken by ``check_paths`` once the paths a producer is given have been checked.
 
 The kernel holds the lock, so a producer that dies (even by SIGKILL) releases it with its last
 descriptor; the file's content, the holder's PID, only serves the refusal message. A clean
@@ -7,6 +8,8 @@ release removes the file; a crash leaves it behind, harmless, and the next holde
 
 from __future__ import annotations
 
+import argparse
+import atexit
 import contextlib
 import fcntl
 import os
@@ -14,6 +17,10 @@ import time
 from pathlib import Path
 
 from mnistq.errors import ConfigError
+from producer.finish import review_dir_for
+
+#: The inbox's lock file: hidden, so the watcher never takes it for work.
+INBOX_LOCK = ".mnistq.lock"
 
 
 class PathLock:
@@ -86,3 +93,92 @@ def _holder(fd: int) -> str:
             return raw.decode()
         time.sleep(0.025)
     return "unknown"
+
+
+#: The locks this process holds, by lock file: `mnistq run` takes them before it starts its
+#: children, and the ``watch`` it then calls finds them held.
+_held: dict[Path, PathLock] = {}
+
+
+def check_csv(csv: Path) -> Path:
+    """The CSV's absolute path; ConfigError if it is a folder or its folder is missing."""
+    path = csv.expanduser().resolve()
+    if path.is_dir():
+        raise ConfigError(f"the results file {csv} is a folder (--csv or MNISTQ_CSV names a file)")
+    if not path.parent.is_dir():
+        raise ConfigError(
+            f"the folder of the results file {csv} does not exist: create {path.parent} first, "
+            "or choose another --csv"
+        )
+    return path
+
+
+def _check_writable(csv: Path) -> None:
+    try:  # an existing file: can it be appended to? (a new one: the lock file beside it proved it)
+        os.close(os.open(csv, os.O_WRONLY | os.O_APPEND))
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise ConfigError(f"cannot write the results file {csv}: {e.strerror}") from None
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """Check the inbox, the CSV and the done/failed folders of ``args``, and take the locks that
+    make this process the only producer on that inbox and that CSV.
+
+    Each mistake is a ConfigError (one line, exit 2): an inbox that is a file or cannot be
+    created (the inbox is the one thing created here), a CSV whose folder is missing or that
+    cannot be written, another producer on either (its PID named). The locks are held until
+    ``watch`` returns or the process ends; calling this again in the same process is harmless.
+    """
+    inbox = args.inbox.expanduser().resolve()
+    if inbox.exists() and not inbox.is_dir():
+        raise ConfigError(f"the inbox {args.inbox} is a file, not a folder (--inbox or MNISTQ_INBOX)")
+    csv = check_csv(args.csv)
+    done = args.done_dir or csv.parent / "done"
+    for option, folder in (
+        ("--done-dir", done),
+        ("--failed-dir", args.failed_dir or csv.parent / "failed"),
+        ("the review folder", review_dir_for(done)),
+    ):
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"{option} {folder} is a file, not a folder")
+    taken: list[PathLock] = []
+    try:
+        # The CSV's first: a second producer is refused before the inbox is created.
+        taken += lock_csv(csv)
+        _check_writable(csv)
+        try:
+            inbox.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create the inbox {args.inbox}: {e.strerror}") from None
+        taken += _lock(inbox / INBOX_LOCK, f"watching {inbox}")
+    except BaseException:
+        for lock in taken:
+            _held.pop(lock.path, None)
+            lock.release()
+        raise
+
+
+def lock_csv(csv: Path) -> list[PathLock]:
+    """One producer per CSV (``check_paths``, and `mnistq classify --csv`): its lock, taken now
+    unless this process holds it (then an empty list)."""
+    return _lock(csv.parent / f".{csv.name}.lock", f"writing {csv}")
+
+
+def _lock(path: Path, what: str) -> list[PathLock]:
+    """Take one lock unless this process holds it; returns it if it was taken now."""
+    if path in _held:
+        return []
+    lock = PathLock(path, what)
+    lock.acquire()
+    if not _held:
+        atexit.register(release_paths)  # a clean exit leaves no lock file behind
+    _held[path] = lock
+    return [lock]
+
+
+def release_paths() -> None:
+    """Give up the locks taken by ``check_paths`` (``watch`` does, when it returns)."""
+    while _held:
+        _held.popitem()[1].release()
