@@ -104,7 +104,7 @@ def _cell(value: object) -> str:
     return "'" + text if text.startswith(_FORMULA_START) else text
 
 
-def _uncell(value: str) -> str:
+def uncell(value: str) -> str:
     """A cell read back, less the ' that neutralise added: what ``escape`` gave."""
     if value.startswith("'") and value[1:].startswith(_FORMULA_START):
         return value[1:]
@@ -182,10 +182,10 @@ class CsvSink:
         for row in rows:
             if len(row) <= max(at_path, at_id):
                 continue
-            moved = _uncell(row[at_moved]) if at_moved is not None and len(row) > at_moved else ""
+            moved = uncell(row[at_moved]) if at_moved is not None and len(row) > at_moved else ""
             if row[at_id]:
                 self.done[row[at_id]] = moved
-            self.places[_uncell(row[at_path])] = moved
+            self.places[uncell(row[at_path])] = moved
         missing = [c for c in CSV_COLUMNS if c not in header]
         if missing:
             log.info("%s has an older header: rows go under it without %s", self.path, ", ".join(missing))
