@@ -55,12 +55,24 @@ def worker_command(
     ]  # fmt: skip
 
 
+#: Celery's warning when a worker runs as root: six lines, once per worker process. `mnistq run`
+#: says it in one line, once (Supervisor.start); a message filter, so no Celery import at start.
+_ROOT_WARNING = "ignore:You're running the worker with superuser privileges"
+
+
+def _as_root() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
 def worker_env(
     settings: Settings, redis_url: str, workers: int, base: Mapping[str, str] | None = None
 ) -> dict[str, str]:
     """The workers' environment: ``base`` (default: ours) plus what `mnistq run` decides for them."""
+    env = {**(os.environ if base is None else base)}
+    if _as_root():
+        env["PYTHONWARNINGS"] = ",".join(w for w in (env.get("PYTHONWARNINGS"), _ROOT_WARNING) if w)
     return {
-        **(os.environ if base is None else base),
+        **env,
         "REDIS_URL": redis_url,
         "MNISTQ_ALLOWED_ROOTS": os.pathsep.join(str(root) for root in settings.roots()),
         # Each process decodes on about one core (the GIL) while its model threads wait, so the
@@ -123,6 +135,12 @@ class Supervisor:
             self.redis = EmbeddedRedis()
             self.url = self.redis.url
         self._env = worker_env(self.settings, self.url, len(self.workers), self.base_env)
+        if _as_root():
+            log.warning(
+                "running as root, which Celery advises against (the Docker image runs as a "
+                "user of its own); the workers read only what lies under %s",
+                self._env["MNISTQ_ALLOWED_ROOTS"].replace(os.pathsep, ", "),
+            )
         for w in self.workers:
             self._start(w)
         return self.url

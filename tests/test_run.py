@@ -44,6 +44,9 @@ def test_run_drain_with_embedded_redis_leaves_nothing_running(tmp_path: Path) ->
     }
     assert str(tmp_path / "inbox") in out.stderr and "results.csv" in out.stderr
     assert "Traceback" not in out.stderr
+    # As root (a container, CI): one line of ours, not Celery's six per worker.
+    assert "superuser" not in out.stderr
+    assert ("running as root" in out.stderr) == (os.geteuid() == 0), out.stderr
     assert gone(marker, 5) == []
 
 
