@@ -8,6 +8,7 @@ import csv
 import errno
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,6 +25,18 @@ pytestmark = pytest.mark.timeout(60)
 
 class Crash(BaseException):
     """The producer dying between two steps (nothing after it runs)."""
+
+
+def dies_in(monkeypatch: pytest.MonkeyPatch, owner: object, name: str, step: Callable[[], object]) -> None:
+    """Run ``step`` with ``owner.name`` killing the producer (Crash): what it left stays as is."""
+
+    def crash(*_: object) -> None:
+        raise Crash
+
+    with monkeypatch.context() as m:
+        m.setattr(owner, name, crash)
+        with pytest.raises(Crash):
+            step()
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
@@ -82,13 +95,7 @@ def test_a_crash_between_link_and_row_redoes_each_file_once(
     s = Setup(tmp_path, 3)
     s.dispatch.send(s.paths)
 
-    def crash(*_: object) -> None:
-        raise Crash
-
-    with monkeypatch.context() as m:
-        m.setattr(CsvSink, "append", crash)
-        with pytest.raises(Crash):
-            s.dispatch.on_reply(answer(s.broker.sent[0]))
+    dies_in(monkeypatch, CsvSink, "append", lambda: s.dispatch.on_reply(answer(s.broker.sent[0])))
     # What the dead run left: links in done/, no rows, every file still in the inbox.
     assert sorted(p.name for p in s.done.iterdir()) == ["f0.png", "f1.png", "f2.png"]
     assert read_rows(s.csv) == [] and len(list(s.inbox.iterdir())) == 3
@@ -110,13 +117,7 @@ def test_a_crash_between_row_and_removal_removes_the_entry_on_restart(
     s = Setup(tmp_path, 3)
     s.dispatch.send(s.paths)
 
-    def crash(*_: object) -> bool:
-        raise Crash
-
-    with monkeypatch.context() as m:
-        m.setattr(producer.finish, "remove", crash)
-        with pytest.raises(Crash):
-            s.dispatch.on_reply(answer(s.broker.sent[0]))
+    dies_in(monkeypatch, producer.finish, "remove", lambda: s.dispatch.on_reply(answer(s.broker.sent[0])))
     assert len(read_rows(s.csv)) == 3 and len(list(s.inbox.iterdir())) == 3
     restart(s)
     assert scan(s) == []  # each has its row: its inbox entry goes, nothing is sent
@@ -335,15 +336,11 @@ def test_a_crash_at_any_step_leaves_each_reviewed_file_one_row_in_review(
     review = tmp_path / "review"
     reasons: list[str | None] = ["low confidence", None, "not a digit", None]
 
-    def crash(*_: object) -> None:
-        raise Crash
-
     # Killed after linking, before the row: redone, the link in review/ reused.
     s.dispatch.send(s.paths[:2])
-    with monkeypatch.context() as m:
-        m.setattr(CsvSink, "append", crash)
-        with pytest.raises(Crash):
-            s.dispatch.on_reply(_reviewed(s.broker.sent[-1], reasons[:2]))
+    dies_in(
+        monkeypatch, CsvSink, "append", lambda: s.dispatch.on_reply(_reviewed(s.broker.sent[-1], reasons[:2]))
+    )
     assert read_rows(s.csv) == [] and (review / "f0.png").exists()
     d = restart(s)
     assert scan(s) == s.paths  # f0, f1 without rows; f2, f3 never sent
@@ -351,10 +348,9 @@ def test_a_crash_at_any_step_leaves_each_reviewed_file_one_row_in_review(
     d.on_reply(_reviewed(s.broker.sent[-1], reasons[:2]))
     # Killed after the rows, before the inbox entries went: they go on the next scan.
     d.send(s.paths[2:])
-    with monkeypatch.context() as m:
-        m.setattr(producer.finish, "remove", crash)
-        with pytest.raises(Crash):
-            d.on_reply(_reviewed(s.broker.sent[-1], reasons[2:]))
+    dies_in(
+        monkeypatch, producer.finish, "remove", lambda: d.on_reply(_reviewed(s.broker.sent[-1], reasons[2:]))
+    )
     restart(s)
     assert scan(s) == []
     rows = {Path(r["path"]).name: r for r in read_rows(s.csv)}
@@ -379,13 +375,12 @@ def test_a_crash_before_the_row_leaves_no_link_where_the_redo_does_not_go(
     (review / "f1.png").write_bytes(b"an earlier f1.png, not to be overwritten")
     s.dispatch.send(s.paths)
 
-    def crash(*_: object) -> None:
-        raise Crash
-
-    with monkeypatch.context() as m:
-        m.setattr(CsvSink, "append", crash)
-        with pytest.raises(Crash):
-            s.dispatch.on_reply(_reviewed(s.broker.sent[-1], ["low confidence", "low confidence"]))
+    dies_in(
+        monkeypatch,
+        CsvSink,
+        "append",
+        lambda: s.dispatch.on_reply(_reviewed(s.broker.sent[-1], ["low confidence", "low confidence"])),
+    )
     assert len(list(review.iterdir())) == 3  # f0.png, the earlier f1.png, f1.<id>.png
     d = restart(s)
     d.send(scan(s))
@@ -411,13 +406,9 @@ def test_a_stray_link_left_past_the_row_goes_with_the_inbox_entry(
     os.link(s.paths[0], review / "f0.png")  # as a run killed before its row left it
     s.dispatch.send(s.paths)
 
-    def crash(*_: object) -> None:
-        raise Crash
-
-    with monkeypatch.context() as m:
-        m.setattr(producer.finish, "unlink_strays", crash)
-        with pytest.raises(Crash):
-            s.dispatch.on_reply(answer(s.broker.sent[-1]))
+    dies_in(
+        monkeypatch, producer.finish, "unlink_strays", lambda: s.dispatch.on_reply(answer(s.broker.sent[-1]))
+    )
     assert (review / "f0.png").exists() and Path(s.paths[0]).exists()
     restart(s)
     assert scan(s) == []
