@@ -5,7 +5,7 @@ process, for good), on a thread as in the worker (worker/engine.py), taking turn
 round so a load that comes and goes weighs on both alike:
 
 - **before**: two arenas and a ``malloc_trim(0)`` after every pass (the worker until now);
-- **tuned**: ``HeapTrimmer.tune`` and its ``trim()`` after every pass (worker/runtime.py).
+- **tuned**: ``HeapTrimmer.tune`` and its ``trim()`` after every pass (worker/heap.py).
 
 Per configuration: ms per forward pass of ``--batch`` images, minor page faults per pass, free
 memory the heap keeps, RSS; then 8 big decodes (``--big`` pixels each, in a task thread) and a
@@ -43,7 +43,7 @@ def child(mode: str, batch: int, passes: int, big: int) -> dict[str, float]:
     from PIL import Image
 
     from trainer.model import Net
-    from worker.runtime import HeapTrimmer
+    from worker.heap import HeapTrimmer
 
     heap = HeapTrimmer()
     if mode == "tuned":

@@ -1,4 +1,4 @@
-"""The worker's heap (worker/runtime.py HeapTrimmer), in a process of its own: mallopt's
+"""The worker's heap (worker/heap.py HeapTrimmer), in a process of its own: mallopt's
 settings hold for a whole process, and this one's must not change the test runner's."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from worker.runtime import HeapTrimmer
+from worker.heap import HeapTrimmer
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent(
     """
     import json, queue, threading
     import numpy as np
-    from worker.runtime import HeapTrimmer
+    from worker.heap import HeapTrimmer
 
     def rss_mb():
         return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
