@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Final, Literal
+from urllib.parse import urlsplit
 
 from mnistq.errors import ConfigError
 
@@ -40,7 +42,10 @@ def _int(raw: str) -> int:
 
 
 def _float(raw: str) -> float:
-    return float(raw)
+    value = float(raw)
+    if not math.isfinite(value):  # inf would reach a wait as an overflow, nan every comparison
+        raise ValueError(raw)
+    return value
 
 
 def _path(raw: str) -> Path:
@@ -51,6 +56,8 @@ def _paths(raw: str) -> tuple[Path, ...]:
     return tuple(Path(p).expanduser().resolve() for p in raw.split(os.pathsep) if p)
 
 
+#: The URLs redis-py reads (REDIS_URL carries the replies, whatever the broker)
+REDIS_SCHEMES = ("redis", "rediss", "unix")
 #: ``review_below``'s "the serving model's recommended threshold" (the worker knows it)
 AUTO: Final = "auto"
 #: off (None), the model's recommended threshold (AUTO), or a P of one's own, 0 < P < 1
@@ -180,8 +187,17 @@ class Settings:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{self.variable(name)} must be >= 1")
         for name in ("threads", "coalesce_wait_ms", "result_expires", "visibility_timeout", "resend_after_s"):
-            if getattr(self, name) < 0:
+            if not getattr(self, name) >= 0:  # nan too, from a caller that bypassed from_env
                 raise ConfigError(f"{self.variable(name)} must be >= 0")
+        if not self.stats_interval > 0:
+            raise ConfigError(f"{self.variable('stats_interval')} must be > 0 (seconds)")
+        if self.coalesce_wait_ms > 60_000:  # a forward batch held a minute for images to come
+            raise ConfigError(f"{self.variable('coalesce_wait_ms')} must be at most 60000 (ms)")
+        if self.redis_url and urlsplit(self.redis_url).scheme not in REDIS_SCHEMES:
+            raise ConfigError(
+                f"REDIS_URL must be a redis://, rediss:// or unix:// URL, not {self.redis_url!r} "
+                "(another broker goes in MNISTQ_BROKER_URL; Redis still carries the replies)"
+            )
         choices = {
             "device": ("auto", "cpu", "cuda"),
             "precision": ("auto", "bf16", "fp32"),

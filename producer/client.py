@@ -94,7 +94,9 @@ class Client:
         self.redis = redis.Redis.from_url(
             self.url, socket_timeout=30, socket_connect_timeout=3, retry=Retry(NoBackoff(), 1)
         )
-        self.message_size = message_size or settings.message_size
+        self.message_size = settings.message_size if message_size is None else message_size
+        if self.message_size < 1:
+            raise ConfigError(f"message_size must be >= 1, not {message_size}")
         self.reconnect_s = reconnect_s
         self.outage = Outage(server_name(self.url))
         self.reply_to = reply_key(uuid.uuid4().hex)
@@ -158,7 +160,10 @@ class Client:
     ) -> Job:
         """Send the paths now (``message_size`` per message); the Job collects their results."""
         _review(review_below, self.settings.review_below)  # a bad one fails here, before any send
-        absolute = [os.path.abspath(p) for p in paths]
+        if isinstance(paths, (str, bytes, os.PathLike)):  # one path, which would read as its letters
+            raise TypeError(f"paths must be a list of paths, not one {type(paths).__name__}: [{paths!r}]")
+        # os.fsdecode: a path given as bytes is the same file by its str name
+        absolute = [os.path.abspath(os.fsdecode(p)) for p in paths]
         job = Job(self, absolute, probabilities=probabilities, review_below=review_below)
         for start in range(0, len(absolute), self.message_size):
             task_id = str(uuid.uuid4())

@@ -117,3 +117,17 @@ def test_job_results_survive_a_redis_restart_without_persistence(
     finally:
         worker.stop()
         server.stop()
+
+
+def test_mistakes_in_the_api_are_said_before_anything_is_sent(tmp_path: Path, redis_server: str) -> None:
+    with pytest.raises(ConfigError, match="REDIS_URL must be a redis://"):
+        Client("http://localhost:6379")
+    url = fresh_db(redis_server)  # no worker consumes it
+    with pytest.raises(ConfigError, match="message_size must be >= 1"):
+        Client(url, settings=Settings(redis_url=url), message_size=-1)
+    with Client(url, settings=Settings(redis_url=url)) as client:
+        with pytest.raises(TypeError, match="a list of paths, not one str"):
+            client.enqueue(str(tmp_path / "a.png"))  # type: ignore[arg-type]
+        # bytes name the same file: its path comes back as str
+        job = client.enqueue([os.fsencode(tmp_path / "a.png")])  # type: ignore[list-item]
+        assert job.paths == [str(tmp_path / "a.png")]

@@ -76,6 +76,14 @@ def test_values_are_parsed_by_type(tmp_path: Path) -> None:
         ("MNISTQ_REVIEW_BELOW", "1.5"),  # a probability: 0 < P < 1
         ("MNISTQ_REVIEW_BELOW", "0"),
         ("MNISTQ_REVIEW_BELOW", "sometimes"),
+        ("MNISTQ_COALESCE_WAIT_MS", "inf"),  # a wait that overflows: the batcher died, work hung
+        ("MNISTQ_COALESCE_WAIT_MS", "nan"),
+        ("MNISTQ_COALESCE_WAIT_MS", "1e12"),
+        ("MNISTQ_RESEND_AFTER_S", "nan"),  # every comparison false: never resent
+        ("MNISTQ_STATS_INTERVAL", "-5"),
+        ("MNISTQ_STATS_INTERVAL", "0"),
+        ("REDIS_URL", "http://localhost:6379"),  # redis-py reads it: a bug's "unexpected error" before
+        ("REDIS_URL", "amqp://guest@localhost//"),  # that one is MNISTQ_BROKER_URL's
     ],
 )
 def test_a_bad_value_is_a_config_error_naming_its_variable(variable: str, value: str) -> None:
