@@ -36,13 +36,23 @@ LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 FAILURE_GRACE_S = 10.0
 
 
-def _at_least_one(raw: str) -> int:
+#: Worker processes per core at most: each holds its model and ~0.8 GB; more only share the
+#: same cores (a typo such as 100000 would start processes until the machine gave out).
+MAX_WORKERS_PER_CORE = 4
+
+
+def _workers(raw: str) -> int:
     try:
         n = int(raw)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, not {raw!r}") from None
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
+    most = MAX_WORKERS_PER_CORE * cores()
+    if n > most:
+        raise argparse.ArgumentTypeError(
+            f"at most {most} here ({MAX_WORKERS_PER_CORE} per core, {cores()} cores), not {n}"
+        )
     return n
 
 
@@ -61,7 +71,7 @@ def run_parser(settings: Settings) -> argparse.ArgumentParser:
     # threads in one process do: on 2 cores, 2 processes x 2 threads gave 1.17-1.19x 1 x 2 threads.
     p.add_argument(
         "--workers",
-        type=_at_least_one,
+        type=_workers,
         default=min(cores(), 4),
         help="worker processes, each with 2 x cores/N torch threads, at most cores (default here: %(default)s)",
     )

@@ -219,8 +219,10 @@ def test_embedded_redis_killed_is_restarted_on_the_same_port(
     assert gone(run.marker, 5) == []
 
 
-@pytest.mark.parametrize("value", ["0", "-1", "two"])
-def test_workers_below_one_is_one_line(tmp_path: Path, value: str) -> None:
+@pytest.mark.parametrize("value", ["0", "-1", "two", "100000"])
+def test_workers_out_of_range_is_one_line(tmp_path: Path, value: str) -> None:
+    """Below one, not a number, or past 4 a core (a typo that would start processes until the
+    machine gave out): refused before anything starts."""
     out = subprocess.run(
         [*MNISTQ, "run", "--workers", value],
         cwd=tmp_path,
