@@ -266,6 +266,8 @@ class Finisher:
                 return False
         if self.keep or stat.S_ISDIR(st.st_mode):
             return True
+        if not moved and "moved_to" in self.sink.columns:
+            return True  # its row says it stays where it is (--keep, or it could not be moved)
         with self._lock:
             if (path, st.st_ino) in self._warned:
                 return True  # warned once already: it stays, quietly
@@ -302,7 +304,7 @@ class Finisher:
         """The final place the row names (made again if it went missing); None if it cannot be."""
         fid = file_id(path, st)
         try:
-            if not moved:  # a row from an older version, written before its file was moved
+            if not moved:  # a row of a CSV from before moved_to, written before its file was moved
                 return place(path, st, target(path, self.inbox, self.done_dir), fid)[0]
             names = unescaped(moved)
             dest = next((p for p in names if os.path.lexists(p)), names[-1])

@@ -87,6 +87,10 @@ def test_with_keep_files_stay_and_moved_to_is_empty(tmp_path: Path) -> None:
     s.dispatch.on_reply(answer(s.broker.sent[0]))
     assert [r["moved_to"] for r in s.rows()] == ["", ""]
     assert all(Path(p).exists() for p in s.paths) and not s.done.exists()
+    # A later run without --keep: their rows say they stay, so they do (the CSV stays true).
+    restart(s)
+    assert scan(s) == []
+    assert all(Path(p).exists() for p in s.paths) and not s.done.exists()
 
 
 def test_a_crash_between_link_and_row_redoes_each_file_once(
