@@ -126,8 +126,8 @@ def check_paths(args: argparse.Namespace) -> None:
     """Check the inbox, the CSV and the done/failed folders of ``args``, and take the locks that
     make this process the only producer on that inbox and that CSV.
 
-    Each mistake is a ConfigError (one line, exit 2): an inbox that is a file or cannot be
-    created (the inbox is the one thing created here), a CSV whose folder is missing or that
+    Each mistake is a ConfigError (one line, exit 2): an inbox that is a file, whose folder is
+    missing, or that cannot be created (the inbox is the one thing created here), a CSV whose folder is missing or that
     cannot be written, another producer on either (its PID named). The locks are held until
     ``watch`` returns or the process ends; calling this again in the same process is harmless.
     """
@@ -148,8 +148,13 @@ def check_paths(args: argparse.Namespace) -> None:
         # The CSV's first: a second producer is refused before the inbox is created.
         taken += lock_csv(csv)
         _check_writable(csv)
+        if not inbox.parent.is_dir():  # a typo would otherwise become a new tree of folders
+            raise ConfigError(
+                f"the folder of the inbox {args.inbox} does not exist: create {inbox.parent} first, "
+                "or choose another --inbox"
+            )
         try:
-            inbox.mkdir(parents=True, exist_ok=True)
+            inbox.mkdir(exist_ok=True)
         except OSError as e:
             raise ConfigError(f"cannot create the inbox {args.inbox}: {e.strerror}") from None
         taken += _lock(inbox / INBOX_LOCK, f"watching {inbox}")

@@ -55,6 +55,10 @@ def one_line(out: subprocess.CompletedProcess[str]) -> str:
 MISTAKES = {
     "an inbox that is a file": (["watch", "--inbox", "README.md"], "is a file, not a folder"),
     "an inbox that cannot be created": (["watch", "--inbox", "/proc/nope"], "cannot create the inbox"),
+    "an inbox whose folder is missing (a typo)": (
+        ["watch", "--inbox", "no/such/inbox"],
+        "the folder of the inbox no/such/inbox does not exist",
+    ),
     "a CSV whose folder is missing": (
         ["watch", "--csv", "nonexistent/dir/results.csv"],
         "does not exist: create",
