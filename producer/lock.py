@@ -128,7 +128,8 @@ def check_paths(args: argparse.Namespace) -> None:
 
     Each mistake is a ConfigError (one line, exit 2): an inbox that is a file, whose folder is
     missing, or that cannot be created (the inbox is the one thing created here), a CSV whose folder is missing or that
-    cannot be written, another producer on either (its PID named). The locks are held until
+    cannot be written, another producer on either, or on a folder above or inside the inbox
+    (its PID named). The locks are held until
     ``watch`` returns or the process ends; calling this again in the same process is harmless.
     """
     inbox = args.inbox.expanduser().resolve()
@@ -148,6 +149,7 @@ def check_paths(args: argparse.Namespace) -> None:
         # The CSV's first: a second producer is refused before the inbox is created.
         taken += lock_csv(csv)
         _check_writable(csv)
+        _refuse_nested(inbox)
         if not inbox.parent.is_dir():  # a typo would otherwise become a new tree of folders
             raise ConfigError(
                 f"the folder of the inbox {args.inbox} does not exist: create {inbox.parent} first, "
@@ -163,6 +165,55 @@ def check_paths(args: argparse.Namespace) -> None:
             _held.pop(lock.path, None)
             lock.release()
         raise
+
+
+def _refuse_nested(inbox: Path) -> None:
+    """A producer watches its inbox's whole tree: another one on a folder above it, or on one
+    inside it, would take the same files (a row in each CSV). ConfigError naming its PID."""
+    for above in inbox.parents:
+        if pid := _holder_elsewhere(above / INBOX_LOCK):
+            raise ConfigError(
+                f"another producer (pid {pid}) is already watching {above}, which holds {inbox}; "
+                "stop it first, or choose an inbox outside it"
+            )
+    stack, inside = [str(inbox)], []
+    while stack:
+        try:
+            with os.scandir(stack.pop()) as entries:
+                for e in entries:
+                    if e.is_dir(follow_symlinks=False):
+                        stack.append(e.path)
+                    elif e.name == INBOX_LOCK:
+                        inside.append(Path(e.path))
+        except OSError:  # a folder gone or unreadable meanwhile: the watcher says so later
+            continue
+    for lock in inside:
+        if lock != inbox / INBOX_LOCK and (pid := _holder_elsewhere(lock)):
+            raise ConfigError(
+                f"another producer (pid {pid}) is already watching {lock.parent}, inside this "
+                "inbox; stop it first, or choose an inbox that does not hold it"
+            )
+
+
+def _holder_elsewhere(path: Path) -> str | None:
+    """The PID of another process holding the lock file ``path``; None when no one does."""
+    if path in _held:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _holder(fd)
+    except OSError:
+        return None
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
 
 
 def lock_csv(csv: Path) -> list[PathLock]:

@@ -301,6 +301,12 @@ def test_a_second_producer_on_the_same_inbox_or_csv_is_refused(
         (["watch", "--inbox", str(first.inbox), "--csv", str(other_csv)], "watching"),
         (["watch", "--inbox", str(other_inbox), "--csv", str(first.csv)], "writing"),
         (["classify", "--csv", str(first.csv), str(tmp_path / "x.png")], "writing"),
+        # a folder inside its inbox, or one that holds it: the same files, a row in each CSV
+        (
+            ["watch", "--inbox", str(first.inbox / "sub"), "--csv", str(other_csv)],
+            f"watching {first.inbox}, which",
+        ),
+        (["watch", "--inbox", str(tmp_path), "--csv", str(other_csv)], f"watching {first.inbox}, inside"),
     ]
     for args, what in attempts:
         started = time.monotonic()
@@ -316,6 +322,7 @@ def test_a_second_producer_on_the_same_inbox_or_csv_is_refused(
         assert f"another producer (pid {first.proc.pid}) is already {what}" in out.stderr
         assert time.monotonic() - started < 30
     assert not other_csv.exists() and not other_inbox.exists(), "the refused one created something"
+    assert not (first.inbox / "sub").exists()
     staged = write_digits(tmp_path / "staging", 12)
     for path in staged:
         os.rename(path, first.inbox / path.name)
