@@ -141,6 +141,9 @@ class Settings:
     #: seconds after which unanswered work is sent again where the broker's queue cannot be
     #: listed (RabbitMQ); on Redis, lost work is found by looking (see producer/evidence.py)
     resend_after_s: float = field(default=45.0, metadata=_env("MNISTQ_RESEND_AFTER_S", _float))
+    #: producers: seconds a file's size and time must stand still before it counts as complete
+    #: where no event says so (--polling; a file found already there, or hard-linked in)
+    settle_s: float = field(default=1.0, metadata=_env("MNISTQ_SETTLE_S", _float))
     #: seconds between a worker's throughput lines
     stats_interval: float = field(default=10.0, metadata=_env("MNISTQ_STATS_INTERVAL", _float))
     pool: str = field(default="threads", metadata=_env("MNISTQ_POOL", _text))  # threads|prefork
@@ -186,7 +189,9 @@ class Settings:
         for name in ("message_size", "forward_batch", "concurrency", "max_pixels"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{self.variable(name)} must be >= 1")
-        for name in ("threads", "coalesce_wait_ms", "result_expires", "visibility_timeout", "resend_after_s"):
+        for name in (
+            "threads", "coalesce_wait_ms", "result_expires", "visibility_timeout", "resend_after_s", "settle_s"
+        ):  # fmt: skip
             if not getattr(self, name) >= 0:  # nan too, from a caller that bypassed from_env
                 raise ConfigError(f"{self.variable(name)} must be >= 0")
         if not self.stats_interval > 0:

@@ -167,6 +167,7 @@ def _watch(args: argparse.Namespace, redis_url: str, settings: Settings, stop: t
         drain=args.drain,
         message_size=settings.message_size,
         resend_s=settings.resend_after_s,
+        settle_s=settings.settle_s,
     )
     print(f"inbox:   {inbox}\nresults: {csv}", file=sys.stderr)
     if settings.review_below is not None:

@@ -176,9 +176,16 @@ class Finisher:
                 landed.append(Landed(a, written=False))
                 continue
             fids.add(a.fid)
-            st, replaced, dest = None, False, ""
-            if not self.keep:
-                st, replaced = self._current(a)
+            dest = ""
+            st, replaced, written = self._current(a)
+            if written:
+                # Its answer is of a file half written: no row; the file is new work again,
+                # taken when its writer is done (the written file's events, or it settles).
+                log.info("%s was written to while it was read; it is read again", a.path)
+                landed.append(Landed(a, written=False, replaced=True))
+                continue
+            if self.keep:
+                st, replaced = None, False
             if st is not None:
                 where = self._folder(a.result)
                 try:
@@ -220,17 +227,26 @@ class Finisher:
         """The file's first-choice name in each output folder."""
         return [target(path, self.inbox, d) for d in (self.done_dir, self.review_dir, self.failed_dir)]
 
-    def _current(self, a: Answer) -> tuple[os.stat_result | None, bool]:
-        """The file to place: (its lstat, False); (None, True) when another file took its name;
-        (None, False) when it is gone or is a folder (a folder named x.png keeps its place)."""
+    def _current(self, a: Answer) -> tuple[os.stat_result | None, bool, bool]:
+        """The file to place: (its lstat, False, False); (None, True, False) when another file took
+        its name; (None, False, True) when it is the same file (device and inode) written to since
+        it was sent (another size or mtime); (None, False, False) when it is gone or is a folder (a
+        folder named x.png keeps its place)."""
         try:
             st = os.lstat(a.path)
         except OSError:
-            return None, False
-        same = identity(st) == a.ident if a.ident is not None else file_id(a.path, st) == a.fid
-        if not same:
-            return None, True
-        return (None, False) if stat.S_ISDIR(st.st_mode) else (st, False)
+            return None, False, False
+        if stat.S_ISDIR(st.st_mode):
+            return None, False, False
+        if a.ident is None:
+            same = file_id(a.path, st) == a.fid
+        elif identity(st) == a.ident:
+            same = True
+        elif a.ident[:2] == (st.st_dev, st.st_ino):
+            return None, False, True
+        else:
+            same = False
+        return (st, False, False) if same else (None, True, False)
 
     def _undo(self, placed: list[tuple[Answer, os.stat_result, str, bool]]) -> None:
         for _, _, dest, created in placed:

@@ -256,14 +256,37 @@ def test_a_file_replaced_while_in_flight_stays_as_new_work(tmp_path: Path) -> No
     s = Setup(tmp_path, 1)
     s.dispatch.send(s.paths)
     old_id = s.broker.sent[0][2][0]
-    os.unlink(s.paths[0])
-    s.make("f0.png", b"another image, dropped under the same name")
+    new = tmp_path / "new.png"
+    new.write_bytes(b"another image, dropped under the same name")
+    os.rename(new, s.paths[0])  # as mv does: another file (inode) under the name
     assert file_id(s.paths[0], os.stat(s.paths[0], follow_symlinks=False)) != old_id
     s.dispatch.on_reply(answer(s.broker.sent[0]))
     assert [r["id"] for r in s.rows()] == [old_id]
     assert Path(s.paths[0]).read_bytes().startswith(b"another")  # not moved away
     assert s.replaced == s.paths
     assert not s.dispatch.is_busy(s.paths[0])  # so the intake takes it in again
+
+
+def test_a_file_written_to_while_in_flight_gets_no_row_until_read_whole(tmp_path: Path) -> None:
+    """A writer that paused mid-file long enough for the file to look complete: the answer is of
+    half a file (an "image file is truncated" error), so it gets no row; the file is new work."""
+    s = Setup(tmp_path, 1)
+    s.dispatch.send(s.paths)
+    with open(s.paths[0], "ab") as f:  # the writer goes on: the same file, longer
+        f.write(b" and the rest of it")
+    half = answer(s.broker.sent[0])
+    half.results[0] = Result.failed(
+        s.paths[0], ErrorKind.UNREADABLE, "image file is truncated", half.results[0].id
+    )
+    s.dispatch.on_reply(half)
+    assert s.rows() == [] and s.replaced == s.paths and Path(s.paths[0]).exists()
+    assert not s.dispatch.is_busy(s.paths[0]) and s.dispatch.progress().done == 0
+    s.dispatch.send(s.paths)  # read again, whole
+    s.dispatch.on_reply(answer(s.broker.sent[-1]))
+    rows = s.rows()
+    assert [r["error"] for r in rows] == [""] and Path(rows[0]["moved_to"]).read_bytes().endswith(
+        b"rest of it"
+    )
 
 
 def test_the_rate_counts_only_time_with_files_in_flight(tmp_path: Path) -> None:

@@ -82,6 +82,7 @@ def test_values_are_parsed_by_type(tmp_path: Path) -> None:
         ("MNISTQ_RESEND_AFTER_S", "nan"),  # every comparison false: never resent
         ("MNISTQ_STATS_INTERVAL", "-5"),
         ("MNISTQ_STATS_INTERVAL", "0"),
+        ("MNISTQ_SETTLE_S", "-1"),
         ("REDIS_URL", "http://localhost:6379"),  # redis-py reads it: a bug's "unexpected error" before
         ("REDIS_URL", "amqp://guest@localhost//"),  # that one is MNISTQ_BROKER_URL's
     ],
