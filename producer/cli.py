@@ -58,6 +58,16 @@ def _review_default(value: ReviewBelow) -> str:
     return "the model's recommended threshold" if value == AUTO else f"{value:g}"
 
 
+def _seconds(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {raw!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, not {raw!r}")
+    return value
+
+
 def watch_parser(prog: str, settings: Settings) -> argparse.ArgumentParser:
     """The watcher's options, with defaults from ``settings``; `mnistq run` adds its own."""
     p = argparse.ArgumentParser(prog=prog)
@@ -219,7 +229,10 @@ def classify_main(argv: list[str]) -> int:
     p.add_argument("paths", nargs="+", type=Path, help="image files (the workers must be able to read them)")
     p.add_argument("--csv", type=Path, default=None, help="also append the rows to this CSV")
     p.add_argument(
-        "--timeout", type=float, default=120.0, help="seconds to wait for all results (default: %(default)s)"
+        "--timeout",
+        type=_seconds,
+        default=120.0,
+        help="seconds to wait for all results (default: %(default)s)",
     )
     args = one_line_errors(p).parse_args(argv)
     csv = check_csv(args.csv) if args.csv else None

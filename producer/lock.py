@@ -144,6 +144,11 @@ def check_paths(args: argparse.Namespace) -> None:
     ):
         if folder.exists() and not folder.is_dir():
             raise ConfigError(f"{option} {folder} is a file, not a folder")
+        where = folder.expanduser().resolve()
+        if where == inbox or where in inbox.parents:  # its files would be the inbox's own again
+            raise ConfigError(
+                f"{option} {folder} is the inbox or holds it: choose a folder beside or inside it"
+            )
     taken: list[PathLock] = []
     try:
         # The CSV's first: a second producer is refused before the inbox is created.

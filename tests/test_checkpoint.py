@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,8 @@ def _bad_file(kind: str, tmp_path: Path) -> Path:
         torch.save(ckpt, path)
     elif kind == "directory":
         path.mkdir()
+    elif kind == "pickled-object":  # loads only with weights_only=False, i.e. by running its code
+        torch.save({"model": Fraction(1, 3), "meta": {}}, path)
     return path
 
 
@@ -112,6 +115,7 @@ def _bad_file(kind: str, tmp_path: Path) -> Path:
         ("plain-state-dict", "not an mnist-queue checkpoint"),
         ("wrong-arch", "architecture 'resnet'"),
         ("tampered", "do not match their recorded version"),
+        ("pickled-object", "it holds Python objects, not only weights"),
     ],
 )
 def test_load_checkpoint_bad_files(tmp_path, kind, message):
@@ -121,7 +125,7 @@ def test_load_checkpoint_bad_files(tmp_path, kind, message):
     text = str(info.value)
     assert message in text
     assert str(path) in text
-    assert "\n" not in text and len(text) < 400
+    assert "\n" not in text and "\x1b" not in text and len(text) < 400
 
 
 @CLI_TIMEOUT

@@ -66,6 +66,8 @@ MISTAKES = {
     "a CSV that is a folder": (["watch", "--csv", "."], "is a folder"),
     "a CSV where nothing can be written": (["watch", "--csv", "/proc/results.csv"], "cannot write in /proc"),
     "a done folder that is a file": (["watch", "--done-dir", "README.md"], "is a file, not a folder"),
+    "a failed folder that is the inbox": (["watch", "--failed-dir", "inbox"], "is the inbox or holds it"),
+    "a done folder that holds the inbox": (["watch", "--done-dir", "."], "is the inbox or holds it"),
     "an unknown option": (["watch", "--bogus"], "unrecognized arguments: --bogus"),
     "a review threshold that is not a probability": (
         ["watch", "--review-below", "90"],
@@ -75,6 +77,7 @@ MISTAKES = {
     "an option without its value": (["watch", "--inbox"], "expected one argument"),
     "classify without paths": (["classify"], "required: paths"),
     "classify with a bad timeout": (["classify", "--timeout", "soon", "x.png"], "invalid float value"),
+    "classify with a timeout below 0": (["classify", "--timeout", "-1", "x.png"], "above 0"),
     "classify into a CSV whose folder is missing": (
         ["classify", "--csv", "nonexistent/r.csv", "x.png"],
         "does not exist: create",

@@ -17,7 +17,7 @@ from PIL import Image, ImageFile
 
 from mnistq.errors import ImageError
 from mnistq.images import load_image
-from mnistq.protocol import ErrorKind
+from mnistq.protocol import ErrorKind, ExitCode
 from trainer.model import load_checkpoint, predict_probs
 
 CLI_TIMEOUT = pytest.mark.timeout(120)
@@ -276,7 +276,7 @@ def test_cli_bad_input_is_one_clear_error_line(tmp_path, kind):
     t0 = time.perf_counter()
     r = run_mnistq("predict", path, cwd=tmp_path)
     elapsed = time.perf_counter() - t0
-    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert r.returncode == ExitCode.CONFIG, (r.stdout, r.stderr)
     assert "Traceback" not in r.stdout + r.stderr
     assert "Predicted Digit" not in r.stdout
     lines = [line for line in r.stderr.splitlines() if line.strip()]
@@ -289,13 +289,13 @@ def test_cli_bad_input_is_one_clear_error_line(tmp_path, kind):
 def test_cli_max_pixels_and_mixed_good_and_bad(tmp_path):
     good = write_variant(tmp_path, DIGITS[0], "plain")
     r = run_mnistq("predict", "--max-pixels", "100", good, cwd=tmp_path)
-    assert r.returncode == 1
+    assert r.returncode == ExitCode.CONFIG
     assert f"{good}: error: image too large: 28x28 pixels is over the limit of 100" in r.stderr
     assert "Traceback" not in r.stdout + r.stderr
 
     bad = make_bad("text", tmp_path)
     r = run_mnistq("predict", good, bad, cwd=tmp_path)
-    assert r.returncode == 1  # any failure fails the run, but the good image is still classified
+    assert r.returncode == ExitCode.CONFIG  # any failure fails the run; the good image is still read
     assert f"{good}: Predicted Digit: {DIGITS[0]}" in r.stdout
     assert f"{bad}: error: not an image" in r.stderr
     assert "Traceback" not in r.stdout + r.stderr

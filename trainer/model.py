@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
@@ -141,6 +142,21 @@ class Checkpoint:
     calibration: Calibration
 
 
+def _load_failure(e: Exception) -> str:
+    """torch.load's failure in a few words: its own text can be a page long, with ANSI escapes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+    if text.startswith("Weights only load failed"):
+        return "it holds Python objects, not only weights (mnist-queue loads weights only)"
+    first = (text.splitlines() or [""])[0]
+    first = first if len(first) <= 120 else first[:117] + "..."
+    # a bare key or number (KeyError('101')) says nothing without its kind
+    return (
+        f"damaged or truncated? ({type(e).__name__}: {first})"
+        if first
+        else f"damaged or truncated? ({type(e).__name__})"
+    )
+
+
 def load_checkpoint(path: Path | str) -> Checkpoint:
     """Load with ``weights_only=True``; any problem becomes one clear ModelError."""
     path = Path(path)
@@ -151,10 +167,7 @@ def load_checkpoint(path: Path | str) -> Checkpoint:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a damaged file; all mean "not usable"
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ModelError(
-            f"{path}: not a readable PyTorch checkpoint (damaged or truncated?): {reason[:120]}"
-        ) from None
+        raise ModelError(f"{path}: not a readable PyTorch checkpoint: {_load_failure(e)}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "meta" not in ckpt:
         raise ModelError(f"{path}: not an mnist-queue checkpoint (expected 'model' and 'meta' entries)")
     state, meta = ckpt["model"], dict(ckpt["meta"])

@@ -14,6 +14,7 @@ import torch
 
 from mnistq.errors import ImageError
 from mnistq.images import load_image
+from mnistq.protocol import ExitCode
 from mnistq.settings import Settings
 from trainer.model import Checkpoint, load_checkpoint, pick_device, pick_precision, predict_logits, prepare
 
@@ -78,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"Predicted Digit: {d}  (confidence {c:.3f}, model {ckpt.version}{raw}){note}")
             else:
                 print(f"{path}: Predicted Digit: {d}  (confidence {c:.3f}{raw}){note}")
-    return 1 if failed else 0
+    # a file that cannot be read needs a person, as a bad setting does (1 is kept for bugs)
+    return int(ExitCode.CONFIG) if failed else 0
 
 
 if __name__ == "__main__":
