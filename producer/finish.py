@@ -212,8 +212,7 @@ class Finisher:
         # entry stays, a crash here still finds the row: Finisher._linked_row).
         gone: dict[str, bool] = {}
         for a, st, dest, _ in placed:
-            if st.st_nlink > 1:
-                unlink_strays(st, dest, self._firsts(a.path))
+            unlink_strays(st, dest, self._firsts(a.path))
             gone[a.fid] = self._remove(a.path, st, dest)
         return [replace(x, replaced=True) if gone.get(x.answer.fid) is False else x for x in landed]
 
@@ -289,8 +288,7 @@ class Finisher:
                 return True  # warned once already: it stays, quietly
             dest = self._ensure_placed(path, st, moved)
             if dest is not None:
-                if st.st_nlink > 1:  # a crash after the row, before the strays went (_commit)
-                    unlink_strays(st, dest, self._firsts(path))
+                unlink_strays(st, dest, self._firsts(path))  # a crash after the row, before them
                 self._remove(path, st, dest)
         return True
 

@@ -175,8 +175,10 @@ def unlink_strays(st: os.stat_result, dest: str, firsts: Iterable[str]) -> None:
     meant to put the file (another folder, when the review threshold or the model changed), or
     under a name with the file id of before (linking changed the file's ctime, so its id).
     ``firsts``: its first-choice name in each output folder. Call with the row naming ``dest``
-    written, and only for a file with other links (``st_nlink`` > 1): a folder is read only
+    written. A file with no other link (the usual one) costs nothing; a folder is read only
     where its first-choice name is another file's (a stray may then carry an id)."""
+    if st.st_nlink < 2:
+        return
     for first in firsts:
         folder, name = os.path.split(first)
         stem, suffix = os.path.splitext(name)

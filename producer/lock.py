@@ -127,10 +127,11 @@ def check_paths(args: argparse.Namespace) -> None:
     make this process the only producer on that inbox and that CSV.
 
     Each mistake is a ConfigError (one line, exit 2): an inbox that is a file, whose folder is
-    missing, or that cannot be created (the inbox is the one thing created here), a CSV whose folder is missing or that
-    cannot be written, another producer on either, or on a folder above or inside the inbox
-    (its PID named). The locks are held until
-    ``watch`` returns or the process ends; calling this again in the same process is harmless.
+    missing, or that cannot be created (the inbox is the one thing created here), a CSV whose
+    folder is missing or that cannot be written, an output folder that is or holds the inbox,
+    another producer on either, or on a folder above or inside the inbox (its PID named). The
+    locks are held until ``watch`` returns or the process ends; calling this again in the same
+    process is harmless (and does not walk the inbox again).
     """
     inbox = args.inbox.expanduser().resolve()
     if inbox.exists() and not inbox.is_dir():
@@ -154,7 +155,8 @@ def check_paths(args: argparse.Namespace) -> None:
         # The CSV's first: a second producer is refused before the inbox is created.
         taken += lock_csv(csv)
         _check_writable(csv)
-        _refuse_nested(inbox)
+        if inbox / INBOX_LOCK not in _held:  # `mnistq run` checked, then its watch checks again
+            _refuse_nested(inbox)
         if not inbox.parent.is_dir():  # a typo would otherwise become a new tree of folders
             raise ConfigError(
                 f"the folder of the inbox {args.inbox} does not exist: create {inbox.parent} first, "

@@ -150,11 +150,8 @@ def _load_failure(e: Exception) -> str:
     first = (text.splitlines() or [""])[0]
     first = first if len(first) <= 120 else first[:117] + "..."
     # a bare key or number (KeyError('101')) says nothing without its kind
-    return (
-        f"damaged or truncated? ({type(e).__name__}: {first})"
-        if first
-        else f"damaged or truncated? ({type(e).__name__})"
-    )
+    detail = f"{type(e).__name__}: {first}" if first else type(e).__name__
+    return f"damaged or truncated? ({detail})"
 
 
 def load_checkpoint(path: Path | str) -> Checkpoint:
