@@ -6,7 +6,8 @@ falls short and the rest cannot follow, or the fsync fails (a full disk: ENOSPC;
 one: EROFS), the file is truncated back to the end of its last whole row and the OSError is
 raised: the caller keeps the rows and tries again later (producer/finish.py). A killed producer
 leaves whole rows or none; a crash of the machine mid-write can leave a torn last row, and
-opening the sink removes it (that file has no row, so it is redone). The ``id`` column doubles
+opening the sink removes it (that file has no row, so it is redone): that row alone, never a row
+a person edited (producer/csvread.py). The ``id`` column doubles
 as the record of what is done, the ledger: on start the sink reads it back, which is how a
 restarted producer writes no row twice.
 
@@ -46,6 +47,7 @@ from typing import Any
 
 from mnistq.errors import ConfigError
 from mnistq.protocol import CSV_COLUMNS, ErrorKind, Result
+from producer import csvread
 
 log = logging.getLogger("mnistq.producer")
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -111,24 +113,6 @@ def uncell(value: str) -> str:
     return value
 
 
-def whole_records(data: bytes) -> int:
-    """The length of ``data`` up to the end of its last complete CSV record.
-
-    A record ends at a newline outside quotes; a newline inside a quoted field (a path may hold
-    one) does not end it. Every quote toggles the state (an escaped quote is two), so a newline
-    is outside quotes when the bytes before it hold an even number of quotes.
-    """
-    total = data.count(b'"')
-    after = 0  # quotes after the newline being looked at
-    end = len(data)
-    while (i := data.rfind(b"\n", 0, end)) >= 0:
-        after += data.count(b'"', i + 1, end)
-        if (total - after) % 2 == 0:
-            return i + 1
-        end = i
-    return 0
-
-
 def _encode(cells: list[Any]) -> bytes:
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\r\n").writerow(cells)
@@ -162,24 +146,38 @@ class CsvSink:
             data = self.path.read_bytes()
         except FileNotFoundError:
             return
-        keep = whole_records(data)
-        if keep == 0 and data and not any(h.startswith(data) for h in _HEADERS):
+        try:
+            found = csvread.read(data)
+        except csvread.TooMuchToCut as e:
+            if e.line == 1:
+                raise self._foreign("its first line is not a CSV header") from None
+            raise ConfigError(
+                f"{self.path}: line {e.line} starts {e.size} bytes that do not end as a CSV row should "
+                "(a quote opened by hand?); more than one row's worth, so nothing is cut: "
+                "fix that line, or start another file with --csv"
+            ) from None
+        keep, header = found.keep, found.header
+        if not header and data and not any(h.startswith(data) for h in _HEADERS):
             raise self._foreign("its first line is not a CSV header")
-        # utf-8-sig: a spreadsheet that saved the file may have put a byte-order mark first
-        rows = csv.reader(io.StringIO(data[:keep].decode("utf-8-sig", errors="replace"), newline=""))
-        header = tuple(h.strip() for h in next(rows, []))
-        if keep and ("path" not in header or "id" not in header):
+        if header and ("path" not in header or "id" not in header):
             raise self._foreign(f"its header has no 'path' and 'id' columns: {', '.join(header[:8])}")
+        if found.hand_edited:
+            log.warning(
+                "%s: line %d has a quote that is never closed (edited by hand?); its rows are read "
+                "line by line and kept; close the quote for other CSV readers",
+                self.path,
+                found.hand_edited,
+            )
         if keep < len(data):  # only a crash mid-write leaves this, and that file has no row yet
             log.warning("%s: removing a partial last row (%d bytes)", self.path, len(data) - keep)
             with open(self.path, "r+b") as f:
                 f.truncate(keep)
-        if not keep:
+        if not header:
             return
         self.columns = header
         at_path, at_id = header.index("path"), header.index("id")
         at_moved = header.index("moved_to") if "moved_to" in header else None
-        for row in rows:
+        for row in found.rows:
             if len(row) <= max(at_path, at_id):
                 continue
             moved = uncell(row[at_moved]) if at_moved is not None and len(row) > at_moved else ""
