@@ -14,8 +14,10 @@ definition both are held to (tests/test_images_fast.py).
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import BinaryIO
 
 import numpy as np
@@ -39,6 +41,20 @@ FORMATS = ("BMP", "GIF", "JPEG", "PNG", "PPM", "TIFF", "WEBP")
 #: their short side, never fewer: a digit a tenth of the frame tall keeps ~50 pixels, more than
 #: the 20 it is scaled to, while a 36-megapixel photo costs about what a 1-megapixel one does.
 MIN_SIDE = 512
+#: ... and to at most this many on their long side, however narrow: a 1000x39000 strip is
+#: reduced by 20 (to 50x1950), not worked on at 39 megapixels in float (2.2 GB, 10 s). Every
+#: array made after the decode is then at most LONG_SIDE x 2 MIN_SIDE (4 MB as 8-bit).
+LONG_SIDE = 4 * MIN_SIDE
+
+#: A progressive JPEG is decoded once per scan: libjpeg writes ~10 (6 for grey), mozjpeg a few
+#: more. A hostile file that repeats its last scan 3,000 times took 83 s; this many take a few.
+MAX_SCANS = 100
+#: A decode that needs more memory than this waits for the process's other big decode to end:
+#: a worker's task threads then hold at most one big image at a time (finding: three 39-Mpx
+#: strips at once took a worker from 0.7 to 7.2 GB). At the default MNISTQ_MAX_PIXELS the most
+#: one image can take is 40 Mpx x 4 bytes (RGBA), plus the mode's conversion.
+BIG_DECODE = 64 * 2**20
+_ONE_BIG = threading.Lock()
 
 # We enforce our own limit before decoding; Pillow's warning would only add noise.
 Image.MAX_IMAGE_PIXELS = None
@@ -61,12 +77,47 @@ def open_image(fp: BinaryIO, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Imag
         raise ImageError(
             f"image too large: {w}x{h} pixels is over the limit of {max_pixels}", ErrorKind.TOO_LARGE
         )
+    if isinstance(im, JpegImagePlugin.JpegImageFile) and _scans(fp) > MAX_SCANS:
+        im.close()
+        raise ImageError(
+            f"a JPEG of more than {MAX_SCANS} scans (a normal one has about 10): too slow to decode",
+            ErrorKind.TOO_LARGE,
+        )
     return im
 
 
+def _scans(fp: BinaryIO) -> int:
+    """The start-of-scan markers in a JPEG file. 0xFF 0xDA cannot occur inside entropy-coded
+    data (a 0xFF there is followed by 0x00 or a restart marker), so counting the pair counts
+    the scans (and those of an embedded thumbnail, a few more)."""
+    at, scans, last = fp.tell(), 0, b""
+    fp.seek(0)
+    while chunk := fp.read(1 << 20):
+        scans += (last + chunk).count(b"\xff\xda")
+        last = chunk[-1:] if chunk[-1:] == b"\xff" else b""
+        if scans > MAX_SCANS:
+            break
+    fp.seek(at)
+    return scans
+
+
+def decode_bytes(im: Image.Image) -> int:
+    """About the memory decoding ``im`` takes: a JPEG's reduced decode, or a progressive one's
+    full-size coefficients (2 bytes each); other formats decode whole."""
+    w, h = im.size
+    bands = len(im.getbands()) * (2 if im.mode.startswith("I;16") else 1)
+    if isinstance(im, JpegImagePlugin.JpegImageFile):
+        if im.info.get("progressive") or im.info.get("progression"):
+            return w * h * bands * 2
+        scale = min(8, 1 << (reduction(im.size).bit_length() - 1))  # the DCT scales by 2, 4 or 8
+        return w * h * bands // (scale * scale)
+    return w * h * (bands + (4 if im.mode in ("P", "PA", "1") else 0))  # + a palette's conversion
+
+
 def reduction(size: tuple[int, int]) -> int:
-    """The integer factor that shrinks an image to no less than MIN_SIDE on its short side."""
-    return max(1, min(size) // MIN_SIDE)
+    """The integer factor that shrinks an image to no less than MIN_SIDE on its short side, and
+    to no more than LONG_SIDE on its long side (this one wins: the short side may go below)."""
+    return max(1, min(size) // MIN_SIDE, -(-max(size) // LONG_SIDE))
 
 
 def shrink(im: Image.Image) -> Image.Image:
@@ -135,7 +186,7 @@ def read_luminance(
     with open_checked(path, walk) as fp:
         im = open_image(fp, max_pixels)
         try:
-            with im:
+            with im, _ONE_BIG if decode_bytes(im) > BIG_DECODE else nullcontext():
                 return to(im)
         except ImageError:
             raise

@@ -102,6 +102,7 @@ def test_big_jpeg_decodes_small_and_still_reads_right(big_jpeg: Path, monkeypatc
     assert sizes[-1] == (1000, 1000)  # 4000 / 4 in the DCT (/ 8 would go below MIN_SIDE)
     assert min(sizes[-1]) >= MIN_SIDE
     monkeypatch.setattr(mnistq.images, "MIN_SIDE", 10**6)  # no reduction: the full decode
+    monkeypatch.setattr(mnistq.images, "LONG_SIDE", 10**6)
     t0 = time.perf_counter()
     full = load_image(big_jpeg)
     slow = time.perf_counter() - t0
