@@ -2,7 +2,9 @@
 
 The page is self-contained (no network: plots are inline SVG, thumbnails are data: URIs), so it
 can be mailed or opened from a share. The CSV is read once, row by row, into bounded tallies
-(producer/tally.py), so a 60,000-row file costs little memory.
+(producer/tally.py), so a 60,000-row file costs little memory; the tiles are drawn by
+producer/sheet.py. Every row sent to review is shown (up to tally.REVIEW_TILES, then the page
+says how many), those a person should look at first first: not a digit, then the least confident.
 matplotlib is imported here only: the watcher and the workers never load it.
 """
 
