@@ -2,32 +2,29 @@
 
 The page is self-contained (no network: plots are inline SVG, thumbnails are data: URIs), so it
 can be mailed or opened from a share. The CSV is read once, row by row, into bounded tallies
-(producer/tally.py), so a 60,000-row file costs little memory.
+(producer/tally.py), so a 60,000-row file costs little memory; the tiles are drawn by
+producer/sheet.py. Every row sent to review is shown (up to tally.REVIEW_TILES, then the page
+says how many), those a person should look at first first: not a digit, then the least confident.
 matplotlib is imported here only: the watcher and the workers never load it.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import html
 import io
 import math
 import os
-import stat
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from mnistq.errors import ConfigError
-from mnistq.settings import Settings
-from producer.csvsink import unescaped
-from producer.tally import TILES, Tally, Tile, read
+from mnistq.protocol import ReviewReason
+from producer import sheet
+from producer.tally import Tally, Tile, in_order, read
 
-THUMB = 64  # px, the longer side of a thumbnail
-_FOLDERS = ("done", "review", "failed")  # beside the CSV, where files are put once their row is written
-_MAX_PIXELS = Settings.max_pixels  # bigger images get a tile that says so rather than a slow decode
 _WIDTHS_MS = (100, 200, 500, 1000, 2000, 5000, 10_000, 30_000, 60_000, 300_000, 600_000)
 
 
@@ -52,10 +49,15 @@ def _figure(height: float = 2.6) -> tuple[Any, Any]:
 
 
 def digits_chart(t: Tally) -> str:
+    """Rows per digit read; rows the model judged not a digit are a bar of their own, not a digit's."""
     fig, ax = _figure()
-    bars = ax.bar(range(10), t.digits, color="#3b6ea5")
-    ax.bar_label(bars, fmt="{:,.0f}", padding=2, fontsize=8)
-    ax.set_xticks(range(10))
+    bars = [ax.bar(range(10), t.digits, color="#3b6ea5")]
+    if t.not_digit:
+        bars += [ax.bar([10.5], [t.not_digit], color="#999")]
+    for b in bars:
+        ax.bar_label(b, fmt="{:,.0f}", padding=2, fontsize=8)
+    ticks = [*range(10), *([10.5] if t.not_digit else [])]
+    ax.set_xticks(ticks, [*map(str, range(10)), "not a\ndigit"][: len(ticks)])
     ax.set(xlabel="digit", ylabel="rows")
     return _svg(fig)
 
@@ -102,84 +104,47 @@ def throughput_chart(t: Tally) -> tuple[str, str]:
     return _svg(fig), f"from {start}, in bins of {width / 1000:g} s; {rate:,.1f} rows/s overall"
 
 
-# -- the contact sheet -------------------------------------------------------------------------
-def _locate(csv_dir: Path, tile: Tile) -> Path | None:
-    """Where the file is now: ``moved_to``, else its tail under done/, review/ or failed/ beside
-    the CSV (the tree was moved). With no ``moved_to`` (an older CSV, --keep): the path's tail
-    there, its own kind's folder first, else the path itself."""
-    moved, path = unescaped(tile.moved) if tile.moved else [], unescaped(tile.path) if tile.path else []
-    places = [Path(m) if os.path.isabs(m) else csv_dir / m for m in moved]
-    folders = (tile.folder, *(f for f in _FOLDERS if f != tile.folder))
-    for name in moved or path:  # a recorded place is exact: never a namesake found by the path
-        parts = Path(name).parts[1:] if os.path.isabs(name) else Path(name).parts
-        # the longest tail first: the inbox's subfolders are kept under done/ and failed/
-        places += [csv_dir / d / Path(*parts[-k:]) for d in folders for k in range(min(4, len(parts)), 0, -1)]
-    places += [] if moved else [Path(p) for p in path]
-    return next((p for p in places if os.path.lexists(p)), None)
-
-
-def thumbnail(path: Path | None) -> tuple[str | None, str]:
-    """(a data: URI, "") or (None, why there is no picture)."""
-    from PIL import Image
-
-    from mnistq.images import FORMATS
-
-    if path is None:
-        return None, "missing"
-    try:
-        st = os.lstat(path)
-        if not stat.S_ISREG(st.st_mode):  # a link or a FIFO is not opened: it could block or point anywhere
-            return None, "not a file"
-        with Image.open(path, formats=FORMATS) as im:  # never Ghostscript for an "eps.png"
-            if im.width * im.height > _MAX_PIXELS:
-                return None, "too large"
-            im.draft("L", (THUMB, THUMB))  # JPEG: decode at a reduced scale
-            small = im.convert("L")
-            small.thumbnail((THUMB, THUMB))
-            buf = io.BytesIO()
-            small.save(buf, format="PNG")
-    except Image.DecompressionBombError:  # its header claims far more pixels than _MAX_PIXELS
-        return None, "too large"
-    except Exception:  # any decoder's failure on any file: the tile says so, the report goes on
-        return None, "unreadable"
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), ""
-
-
-def _share(groups: dict[str, list[Tile]]) -> dict[str, list[Tile]]:
-    """TILES split fairly: each group gets a turn until it or the sheet runs out."""
-    take = dict.fromkeys(groups, 0)
-    while sum(take.values()) < TILES and any(take[g] < len(groups[g]) for g in groups):
-        for g in groups:
-            if take[g] < len(groups[g]) and sum(take.values()) < TILES:
-                take[g] += 1
-    return {g: groups[g][: take[g]] for g in groups if take[g]}
-
-
-def _tile(csv_dir: Path, tile: Tile) -> str:
-    uri, why = thumbnail(_locate(csv_dir, tile))
-    name = html.escape(os.path.basename(tile.path) or tile.path or "?")
-    pic = f'<img src="{uri}" alt="{name}">' if uri else f'<div class="hole">{why}</div>'
-    title = html.escape(f"{tile.path}\n{tile.detail}".strip())
-    return (
-        f'<figure class="tile{"" if uri else " missing" if why == "missing" else " nopic"}"'
-        f' title="{title}">{pic}'
-        f"<figcaption>{html.escape(tile.caption[:40])}<br><small>{name}</small></figcaption></figure>"
-    )
-
-
 # -- the page ----------------------------------------------------------------------------------
 _CSS = """body{font:14px/1.4 system-ui,sans-serif;margin:2em auto;max-width:60em;color:#222;padding:0 1em}
 h1{margin-bottom:0}h2{border-bottom:1px solid #ccc;margin-top:1.6em}svg{width:100%;height:auto}
 table{border-collapse:collapse}td,th{padding:.2em .8em;text-align:left;border-bottom:1px solid #eee}
-td.n{text-align:right}.sub{color:#666}.sheet{display:flex;flex-wrap:wrap;gap:8px}
-.tile{margin:0;width:96px;text-align:center;font-size:11px;overflow-wrap:anywhere}
-.tile img{width:64px;height:64px;object-fit:contain;background:#000;image-rendering:pixelated}
-.hole{width:64px;height:64px;margin:auto;display:flex;align-items:center;justify-content:center;
-font:bold 10px sans-serif;color:#a00;background:repeating-linear-gradient(45deg,#fdd 0 6px,#fff 6px 12px)}"""
+td.n{text-align:right}.sub{color:#666}"""
+_KINDS = {ReviewReason.NOT_DIGIT.value: "Not a digit", ReviewReason.LOW_CONFIDENCE.value: "Low confidence"}
+
+
+def percent(n: int, total: int) -> str:
+    """``n`` of ``total`` as a share that is 0% or 100% only when it is (2 in 8,148: "<0.1%")."""
+    share = n / total
+    if 0 < share < 0.001:
+        return "<0.1%"
+    return ">99.9%" if 0.999 < share < 1 else f"{share:.1%}"
+
+
+def _shown(n: int, total: int) -> str:
+    return f"{n:,}" if n == total else f"{n:,} of {total:,}"
+
+
+def _review(csv_dir: Path, t: Tally, names: dict[str, str]) -> list[str]:
+    """Every row sent to review, or the first REVIEW_TILES: not a digit first, then the least confident."""
+    tiles = in_order(t.to_review)
+    said = f"All {t.review:,}" if len(tiles) == t.review else f"The first {len(tiles):,} of the {t.review:,}"
+    rest = "" if len(tiles) == t.review else " The others are in the CSV's review column."
+    out = [
+        f'<h2 id="review">Sent to review</h2><p>{said} rows sent to review: not a digit first, '
+        f"then the least confident.{rest}</p>"
+    ]
+    kinds: dict[str, list[Tile]] = {}
+    for x in tiles:  # in the order of their kinds: not a digit, low confidence, any other reason
+        kinds.setdefault(_KINDS.get(x.detail, "Other reasons"), []).append(x)
+    counted = {v: t.reasons.get(k, 0) for k, v in _KINDS.items()}
+    for kind, group in kinds.items():
+        total = counted.get(kind, t.review - sum(counted.values()))
+        out += [f"<h3>{kind} ({_shown(len(group), total)})</h3>", sheet.sheet(csv_dir, group, names)]
+    return out
 
 
 def render(csv_path: Path, t: Tally, header: tuple[str, ...]) -> str:
-    e, ok, errors = html.escape, sum(t.digits), sum(t.errors.values())
+    e, ok, errors = html.escape, t.classified(), sum(t.errors.values())
     versions = ", ".join(f"{v} ({c:,})" for v, c in t.versions.most_common(5))
     facts = {"CSV": str(csv_path), "rows": f"{t.rows:,}", "classified": f"{ok:,}", "errors": f"{errors:,}"}
     if "review" in header:
@@ -191,7 +156,7 @@ def render(csv_path: Path, t: Tally, header: tuple[str, ...]) -> str:
     now = datetime.now(UTC).isoformat(timespec="seconds")
     out = [
         "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>",
-        f"<title>Run report: {e(csv_path.name)}</title><style>{_CSS}</style></head><body>",
+        f"<title>Run report: {e(csv_path.name)}</title><style>{_CSS}\n{sheet.CSS}</style></head><body>",
         f'<h1>Run report</h1><p class="sub">{e(csv_path.name)}, written {now}</p>',
         '<h2 id="summary">Summary</h2><table>',
         *(f"<tr><th>{k}</th><td>{e(v)}</td></tr>" for k, v in facts.items()),
@@ -217,16 +182,19 @@ def render(csv_path: Path, t: Tally, header: tuple[str, ...]) -> str:
         out += ["<tr><th>cause</th><th>rows</th><th>share</th><th>most common messages</th></tr>"]
         for kind, n in t.errors.most_common(15):
             texts = "<br>".join(e(x[:120]) for x, _ in t.examples[kind].most_common(3))
-            out += [f'<tr><td>{e(kind)}</td><td class="n">{n:,}</td><td class="n">{n / t.rows:.1%}</td>']
+            share = e(percent(n, t.rows))
+            out += [f'<tr><td>{e(kind)}</td><td class="n">{n:,}</td><td class="n">{share}</td>']
             out += [f"<td>{texts}</td></tr>"]
         out += ["</table>"]
-    groups = {"Least confident": sorted(t.least, reverse=True), **t.groups}
-    if "review" not in header:
-        del groups["Review"]
-    out += ['<h2 id="sheet">Contact sheet</h2>', "" if any(groups.values()) else "<p>No rows to show.</p>"]
-    for name, tiles in _share(groups).items():
-        cells = "".join(_tile(csv_path.parent, x) for x in tiles)
-        out += [f"<h3>{name} ({len(tiles)})</h3><div class=sheet>{cells}</div>"]
+    least = "Least confident" + (", not sent to review" if t.review else "")
+    groups = sheet.share({least: in_order(t.least), "Failed": t.failed})
+    names = sheet.names(x.path for x in [*t.to_review, *(x for g in groups.values() for x in g)])
+    if t.review:
+        out += _review(csv_path.parent, t, names)
+    out += ['<h2 id="sheet">Contact sheet</h2>', "" if groups else "<p>No rows to show.</p>"]
+    for name, tiles in groups.items():
+        count = _shown(len(tiles), errors) if name == "Failed" else f"{len(tiles):,}"
+        out += [f"<h3>{name} ({count})</h3>", sheet.sheet(csv_path.parent, tiles, names)]
     return "\n".join([*out, "</body></html>\n"])
 
 

@@ -1,7 +1,8 @@
 """`mnistq report`'s one pass over a results CSV: bounded tallies of a run of any length.
 
 Counts, a histogram, finish times per ms (made coarser past 10,000 of them), at most ``TILES``
-tiles per group: a 60,000-row file costs little memory. Columns an older CSV lacks
+tiles on the contact sheet and ``REVIEW_TILES`` review rows, those a person should look at first:
+a 60,000-row file costs little memory. Columns an older CSV lacks
 (``error_kind``, ``moved_to``) and the ``review`` column (any non-empty value but 0/false/no
 counts) are optional.
 """
@@ -18,16 +19,18 @@ from datetime import datetime
 from pathlib import Path
 
 from mnistq.errors import ConfigError
+from mnistq.protocol import ReviewReason
 from producer.csvsink import uncell
 
 TILES = 48  # the contact sheet's cap, all groups together
+REVIEW_TILES = 500  # review rows shown: all of them in most runs, the first to look at in any
 _MAX_TICKS = 10_000  # distinct finish times kept; more, and they are counted 10 times coarser
 _NOT_REVIEW = {"", "0", "false", "no"}
 
 
 @dataclass(order=True)
 class Tile:
-    sort: float  # -confidence for the least-confident heap (a max-heap on heapq)
+    sort: float  # -(the key to look at first) in a heap (a max-heap on heapq): the first stay
     n: int  # the row's number (negated in the heap): ties keep the CSV's order
     path: str = field(compare=False)
     moved: str = field(compare=False)
@@ -40,6 +43,7 @@ class Tile:
 class Tally:
     rows: int = 0
     digits: list[int] = field(default_factory=lambda: [0] * 10)
+    not_digit: int = 0  # classified rows the model judged not a digit: counted as no digit
     conf: list[int] = field(default_factory=lambda: [0] * 20)  # bins of 0.05
     ticks: Counter[int] = field(default_factory=Counter)  # rows per `tick` ms of finished_at
     tick: int = 1  # ms, x10 whenever there are more than _MAX_TICKS
@@ -48,8 +52,12 @@ class Tally:
     versions: Counter[str] = field(default_factory=Counter)
     review: int = 0
     reasons: Counter[str] = field(default_factory=Counter)  # review rows by reason (bounded)
-    least: list[Tile] = field(default_factory=list)
-    groups: dict[str, list[Tile]] = field(default_factory=lambda: {"Review": [], "Failed": []})
+    to_review: list[Tile] = field(default_factory=list)  # a heap: not a digit, then least confident
+    least: list[Tile] = field(default_factory=list)  # a heap, of the rows not sent to review
+    failed: list[Tile] = field(default_factory=list)  # the first TILES error rows
+
+    def classified(self) -> int:
+        return sum(self.digits) + self.not_digit
 
 
 def _cause(text: str) -> str:
@@ -96,25 +104,41 @@ def _add(t: Tally, n: int, row: dict[str, str]) -> None:
         texts = t.examples.setdefault(kind, Counter())
         if len(texts) < 20 or error in texts:  # a bounded sample of each cause's wording
             texts[error] += 1
-        if len(t.groups["Failed"]) < TILES:
-            t.groups["Failed"].append(Tile(0, n, path, moved, kind, "failed", error))
+        if len(t.failed) < TILES:
+            t.failed.append(Tile(0, n, path, moved, kind, "failed", error))
         return
     try:
         digit, conf = int(row.get("digit", "")), float(row.get("confidence", ""))
     except ValueError:
         return
-    if 0 <= digit <= 9:
+    reason = row.get("review", "").strip()
+    if reason == ReviewReason.NOT_DIGIT:
+        t.not_digit += 1
+    elif 0 <= digit <= 9:
         t.digits[digit] += 1
     if not 0 <= conf <= 1:  # also NaN
         return
     t.conf[min(int(conf * 20), 19)] += 1
     caption = f"{digit} at {conf:.2f}"
-    reason = row.get("review", "").strip()
     if reason.lower() not in _NOT_REVIEW:
         t.review += 1
+        reason = reason[:40]
         if len(t.reasons) < 20 or reason in t.reasons:  # bounded, whatever the cells hold
-            t.reasons[reason[:40]] += 1
-        if len(t.groups["Review"]) < TILES:
-            t.groups["Review"].append(Tile(0, n, path, moved, caption, "review", reason))
-    tile = Tile(-conf, -n, path, moved, caption, "done")
-    (heapq.heappush if len(t.least) < TILES else heapq.heappushpop)(t.least, tile)
+            t.reasons[reason] += 1
+        # not a digit first, then low confidence, then any other reason; the least confident
+        # first within each (conf <= 1 < 2: the rank decides first)
+        rank = 0 if reason == ReviewReason.NOT_DIGIT else 1 if reason == ReviewReason.LOW_CONFIDENCE else 2
+        tile = Tile(-(2 * rank + conf), -n, path, moved, caption, "review", reason)
+        _keep(t.to_review, tile, REVIEW_TILES)
+        return  # shown under Review: not again among the least confident
+    _keep(t.least, Tile(-conf, -n, path, moved, caption, "done"), TILES)
+
+
+def _keep(heap: list[Tile], tile: Tile, most: int) -> None:
+    """The ``most`` tiles with the smallest keys (the greatest ``sort``), in bounded memory."""
+    (heapq.heappush if len(heap) < most else heapq.heappushpop)(heap, tile)
+
+
+def in_order(heap: list[Tile]) -> list[Tile]:
+    """A heap's tiles, the one to look at first first (ties: the CSV's order)."""
+    return sorted(heap, reverse=True)

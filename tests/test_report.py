@@ -1,16 +1,14 @@
 """`mnistq report`: one self-contained HTML page, checked in a real browser (headless Chromium).
 
 The browser tests skip where no Chromium is installed (Debian: `apt-get install chromium`).
+The review section, shares and tiles' names: tests/test_report_review.py.
 """
 
 from __future__ import annotations
 
-import csv
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import tracemalloc
 import uuid
@@ -20,37 +18,17 @@ from pathlib import Path
 
 import pytest
 from conftest import write_digits
+from helpers_browser import browse, needs_browser, tiles, write_csv
 from helpers_images import render_glyph, run_mnistq
 from helpers_run import MNISTQ, gone, read_rows, run_env
 from PIL import Image, ImageStat
 
 from mnistq.errors import ConfigError
 from mnistq.protocol import CSV_COLUMNS
-from producer.report import TILES, write_report
+from producer.report import write_report
+from producer.tally import TILES
 
 pytestmark = pytest.mark.timeout(240)
-BROWSER = next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
-needs_browser = pytest.mark.skipif(
-    BROWSER is None, reason="no Chromium here: `apt-get install chromium` to run the browser checks"
-)
-
-
-def browse(page: Path, *flags: str) -> str:
-    """Chromium, headless and offline-minded, on ``page``; its stdout (the DOM with --dump-dom)."""
-    assert BROWSER is not None
-    with tempfile.TemporaryDirectory() as profile:
-        out = subprocess.run(
-            [BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={profile}", *flags, page.as_uri()],
-            capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    return out.stdout
-
-
-def tiles(page: str) -> list[str]:
-    return re.findall(r'<figure class="tile[^"]*".*?</figure>', page, re.S)
 
 
 @pytest.fixture(scope="module")
@@ -123,14 +101,6 @@ def test_the_report_of_a_real_run_renders_in_chromium(real_run: Path) -> None:
         assert len(im.convert("RGB").getcolors(1 << 24) or []) > 50
 
 
-def _write(csv_path: Path, columns: tuple[str, ...], rows: list[dict[str, str]]) -> Path:
-    with open(csv_path, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, columns, extrasaction="ignore", lineterminator="\r\n")
-        w.writeheader()
-        w.writerows(rows)
-    return csv_path
-
-
 @needs_browser
 def test_missing_files_and_error_rows_only_in_an_older_csv_still_render(tmp_path: Path) -> None:
     legacy = ("path", "digit", "confidence", "model_version", "error", "id", "finished_at")
@@ -145,7 +115,7 @@ def test_missing_files_and_error_rows_only_in_an_older_csv_still_render(tmp_path
          "finished_at": (t0 + timedelta(seconds=i)).isoformat(timespec="milliseconds")}
         for i in range(9)
     ]  # fmt: skip
-    page_path = write_report(_write(tmp_path / "old.csv", legacy, rows), tmp_path / "out.html")
+    page_path = write_report(write_csv(tmp_path / "old.csv", legacy, rows), tmp_path / "out.html")
     dom = browse(page_path, "--dump-dom")
     assert "No classified rows." in dom and "No confidences to show." in dom
     assert "an older CSV without error_kind, moved_to" in dom
@@ -158,7 +128,7 @@ def test_missing_files_and_error_rows_only_in_an_older_csv_still_render(tmp_path
 
 
 def test_an_empty_csv_gives_a_page_that_says_so(tmp_path: Path) -> None:
-    page = write_report(_write(tmp_path / "results.csv", CSV_COLUMNS, [])).read_text()
+    page = write_report(write_csv(tmp_path / "results.csv", CSV_COLUMNS, [])).read_text()
     assert (tmp_path / "report.html").exists()
     for text in (
         "No classified rows.",
@@ -180,12 +150,14 @@ def test_review_rows_and_folder_show_when_they_exist(tmp_path: Path) -> None:
         {"path": "/in/x.png", "digit": "1", "confidence": "0.97", "review": "not a digit", "id": "3"},
         {"path": "/in/y.png", "digit": "1", "confidence": "0.30", "review": "low confidence", "id": "4"},
     ]
-    page = write_report(_write(tmp_path / "r.csv", CSV_COLUMNS, rows)).read_text()
+    page = write_report(write_csv(tmp_path / "r.csv", CSV_COLUMNS, rows)).read_text()
     assert "<th>sent to review</th><td>3 (low confidence 2, not a digit 1)</td>" in page
-    review = page.split("<h3>Review (3)</h3>")[1]
-    assert "odd.png" in tiles(review)[0] and "data:image/png" in tiles(review)[0]
-    assert "not a digit" in tiles(review)[1]  # the reason, in the tile's tooltip
-    assert 'class="hole">missing' in tiles(review)[1]  # x.png is nowhere: said, not hidden
+    review = tiles(page.split('<h2 id="review">')[1].split('<h2 id="sheet">')[0])
+    assert len(review) == 3  # not a digit first, then the least confident
+    assert "not a digit" in review[0]  # the reason, in the tile's tooltip
+    assert 'class="hole">missing' in review[0]  # x.png is nowhere: said, not hidden
+    assert "y.png" in review[1]
+    assert "odd.png" in review[2] and "data:image/png" in review[2]
 
 
 def test_sixty_thousand_rows_stream_in_bounded_memory(tmp_path: Path) -> None:
@@ -197,7 +169,7 @@ def test_sixty_thousand_rows_stream_in_bounded_memory(tmp_path: Path) -> None:
          "error_kind": "no_digit" if i % 50 == 0 else ""}
         for i in range(60_000)
     ]  # fmt: skip
-    csv_path = _write(tmp_path / "big.csv", CSV_COLUMNS, rows)
+    csv_path = write_csv(tmp_path / "big.csv", CSV_COLUMNS, rows)
     del rows
     tracemalloc.start()
     started = time.perf_counter()
@@ -209,7 +181,7 @@ def test_sixty_thousand_rows_stream_in_bounded_memory(tmp_path: Path) -> None:
     assert peak < 30e6, f"peak {peak / 1e6:.0f} MB"  # the CSV alone is ~8 MB: it is never held whole
     assert time.perf_counter() - started < 60
     assert len(tiles(page)) == TILES
-    assert "<h3>Least confident (24)</h3>" in page and "<h3>Failed (24)</h3>" in page
+    assert "<h3>Least confident (24)</h3>" in page and "<h3>Failed (24 of 1,200)</h3>" in page
     assert '<td>no_digit</td><td class="n">1,200</td>' in page
 
 
