@@ -20,6 +20,7 @@ from pathlib import Path
 
 from mnistq.errors import ConfigError
 from mnistq.protocol import ReviewReason
+from producer import csvread
 from producer.csvsink import uncell
 
 TILES = 48  # the contact sheet's cap, all groups together
@@ -66,12 +67,16 @@ def _cause(text: str) -> str:
 
 
 def read(csv_path: Path) -> tuple[Tally, tuple[str, ...]]:
-    """One pass over the CSV; ConfigError when it is missing or not a results file."""
-    t = Tally()
+    """One pass over the CSV, streamed; ConfigError when it is missing or not a results file.
+
+    A row with the wrong number of cells (a quote typed by hand runs a CSV reader on over the
+    rows after it, or a torn last row) makes it read the file again as the producer does
+    (producer/csvread.py: every row kept, the whole file in memory): no row goes uncounted."""
     try:
         f = open(csv_path, encoding="utf-8-sig", errors="replace", newline="")  # noqa: SIM115
     except OSError as e:
         raise ConfigError(f"cannot read {csv_path}: {e.strerror or e}") from None
+    t = Tally()
     with f:
         rows = csv.DictReader(f)
         try:
@@ -79,10 +84,25 @@ def read(csv_path: Path) -> tuple[Tally, tuple[str, ...]]:
             if "path" not in header:
                 raise ConfigError(f"{csv_path} is not a mnist-queue results CSV (its header has no 'path')")
             for n, row in enumerate(rows):
-                _add(t, n, {k: uncell(v or "") for k, v in row.items() if isinstance(k, str)})
-        except (csv.Error, UnicodeError) as e:
-            raise ConfigError(f"{csv_path} is not a CSV (line {rows.line_num}: {e})") from None
+                if None in row or None in row.values():
+                    return _read_whole(csv_path)
+                _add(t, n, {k: uncell(v) for k, v in row.items()})
+        except (csv.Error, UnicodeError):
+            return _read_whole(csv_path)
     return t, header
+
+
+def _read_whole(csv_path: Path) -> tuple[Tally, tuple[str, ...]]:
+    t = Tally()
+    try:
+        found = csvread.read(csv_path.read_bytes())
+    except OSError as e:
+        raise ConfigError(f"cannot read {csv_path}: {e.strerror or e}") from None
+    except csvread.TooMuchToCut as e:
+        raise ConfigError(f"{csv_path} is not a CSV (line {e.line}: a quote that is never closed)") from None
+    for n, row in enumerate(found.rows):
+        _add(t, n, {k: uncell(v) for k, v in zip(found.header, row, strict=False)})
+    return t, found.header
 
 
 def _add(t: Tally, n: int, row: dict[str, str]) -> None:

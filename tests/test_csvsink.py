@@ -253,3 +253,14 @@ def test_an_unfinished_end_longer_than_a_row_stops_the_start_and_is_kept(tmp_pat
     with pytest.raises(ConfigError, match=r"line 5 .* nothing is cut"):
         CsvSink(out)
     assert out.read_bytes() == damaged
+
+
+def test_the_report_counts_every_row_of_a_hand_edited_csv(tmp_path: Path) -> None:
+    from producer.tally import read
+
+    out = tmp_path / "r.csv"
+    lines = _ledger_of(out, 70)
+    lines[20] = _edit(lines[20], b'"check this')  # a reader runs the quote on to the end
+    out.write_bytes(b"".join(lines))
+    tally, header = read(out)
+    assert header == CSV_COLUMNS and tally.rows == 70
