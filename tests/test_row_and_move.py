@@ -454,7 +454,7 @@ def test_files_whose_folder_moved_within_the_inbox_get_their_row_at_the_new_plac
     path = s.make("sub/x.png")
     s.dispatch.send([path])
     os.rename(s.inbox / "sub", s.inbox / "sub2")  # in flight: the worker found no file
-    task_id, paths, ids = s.broker.sent[0]
+    task_id, _, ids = s.broker.sent[0]
     s.dispatch.on_reply(Reply(task_id, [Result.failed(path, ErrorKind.NOT_FOUND, "file not found", ids[0])]))
     assert read_rows(s.csv) == [] and s.dispatch.idle
     s.dispatch.send([str(s.inbox / "sub2" / "x.png")])
