@@ -74,11 +74,24 @@ class Denied:
         log.info("%s can be read again", key)
 
     def rescan_due(self, now: float) -> bool:
-        """Something cannot be read, and it is time to look again."""
+        """Something cannot be read, and it is time to look again (a folder or file removed
+        meanwhile is forgotten: nothing is left to wait for)."""
         if not self._keys or now < self._next:
             return False
         self._next = now + self.retry_s
+        with self._lock:
+            self._keys = {key for key in self._keys if not _gone(key)}
+        return bool(self._keys)
+
+
+def _gone(path: str) -> bool:
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
         return True
+    except OSError:  # still hidden
+        return False
+    return False
 
 
 def unreadable(path: str) -> bool:
