@@ -405,7 +405,9 @@ def test_files_in_flight_when_the_inbox_is_renamed_get_no_row_and_one_each_when_
         time.sleep(2)
         assert read_rows(w.csv) == [], "rows for files that were not lost"
         os.rename(away, w.inbox)  # back: each one is taken, once
-        wait_for(lambda: len(read_rows(w.csv)) >= 200, 60, lambda: f"{len(read_rows(w.csv))} rows\n{w.text()}")
+        wait_for(
+            lambda: len(read_rows(w.csv)) >= 200, 60, lambda: f"{len(read_rows(w.csv))} rows\n{w.text()}"
+        )
         time.sleep(1)
         rows = read_rows(w.csv)
         one_row_each(rows, {p.name for p in staged})
