@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import WorkerProc, write_digits
+from conftest import WorkerProc, no_dac, write_digits
 
 from mnistq.embedded import EmbeddedRedis
 from mnistq.protocol import QUEUE
@@ -293,22 +293,6 @@ def test_redis_restarted_without_persistence_mid_burst_every_file_gets_its_row(t
         for worker in workers:
             worker.stop()
         server.stop()
-
-
-def no_dac() -> list[str]:
-    """A command prefix that runs a process without the capabilities that let root ignore file
-    permissions ([] for another user, who has none); skips where that cannot be done."""
-    if os.geteuid() != 0:
-        return []
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        pytest.skip("root here, and no setpriv to drop CAP_DAC_OVERRIDE: no permission error can happen")
-    drop = "-dac_override,-dac_read_search"
-    prefix = [setpriv, f"--inh-caps={drop}", f"--bounding-set={drop}"]
-    check = subprocess.run([*prefix, "true"], capture_output=True, text=True)
-    if check.returncode != 0:
-        pytest.skip(f"setpriv cannot drop capabilities here: {check.stderr.strip()}")
-    return prefix
 
 
 def queue_settles(url: str) -> Callable[[], bool]:

@@ -9,11 +9,14 @@ import errno
 import logging
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import no_dac
 from test_dispatch import Setup, answer
 
 import producer.finish
@@ -462,3 +465,36 @@ def test_files_whose_folder_moved_within_the_inbox_get_their_row_at_the_new_plac
     assert [(r["path"], r["moved_to"]) for r in read_rows(s.csv)] == [
         (str(s.inbox / "sub2" / "x.png"), str(s.done / "sub2" / "x.png"))
     ]
+
+
+def test_an_answer_for_a_file_a_permission_hides_writes_no_row_until_it_is_back(tmp_path: Path) -> None:
+    """Read by the worker, then its folder set to mode 000 before the answer: no row naming no
+    place; the row once it can be read (issue 25, 17). Run as a process whose permissions hold."""
+    script = """
+import sys
+from pathlib import Path
+from test_dispatch import Setup, answer
+s = Setup(Path(sys.argv[1]))
+(s.inbox / "sub").mkdir()
+path = s.make("sub/x.png")
+s.dispatch.send([path])
+(s.inbox / "sub").chmod(0)
+s.dispatch.on_reply(answer(s.broker.sent[0]))
+print(len(s.rows()), s.dispatch.idle)
+(s.inbox / "sub").chmod(0o755)
+s.dispatch.send([path])
+s.dispatch.on_reply(answer(s.broker.sent[-1]))
+print([r["moved_to"] for r in s.rows()])
+"""
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run(
+        [*no_dac(), sys.executable, "-c", script, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["0 True", str([str(tmp_path / "done" / "sub" / "x.png")])], out.stdout
+    assert "cannot read" in out.stderr and "(permission denied)" in out.stderr
