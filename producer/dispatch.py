@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Protocol
 
 from mnistq.protocol import ErrorKind, Reply, Result
+from producer.access import Denied, blocking_folder, folder_id
 from producer.client import miscounted
 from producer.csvsink import CsvSink
 from producer.evidence import Lookout, LostWork, NoProbe
@@ -75,6 +76,7 @@ class _Flight:
     path: str
     task_id: str
     ident: tuple[int, int, int, int]  # inbox.identity when sent
+    home: tuple[int, int] | None  # the inbox folder it was sent from (Dispatcher.home)
 
 
 @dataclass(frozen=True)
@@ -101,9 +103,11 @@ class Dispatcher:
         clock: Callable[[], float] = time.monotonic,
         on_progress: Callable[[Progress], None] | None = None,
         on_replaced: Callable[[str], None] | None = None,
+        denied: Denied | None = None,
     ) -> None:
         """``lost`` finds lost messages; without it, only the time-based fallback (``resend_s``
-        unanswered) applies."""
+        unanswered) applies. ``denied``: where files that cannot be read for a permission are
+        told (they get no row until they can be)."""
         self.sender = sender
         self.inbox, self.done_dir, self.failed_dir = inbox, done_dir, failed_dir
         self.keep, self.message_size, self.max_inflight = keep, message_size, max_inflight
@@ -118,7 +122,11 @@ class Dispatcher:
             keep=keep,
             retry_s=retry_s,
             clock=clock,
+            denied=denied,
         )
+        #: the inbox folder (device, inode) files are sent from now; the watcher sets it when a
+        #: new folder takes the inbox's place. A file whose inbox changed gets no row.
+        self.home = folder_id(inbox)
         # The loop sends and resends, the collector thread answers: this guards what both touch.
         self._lock = threading.Lock()
         self._flights: dict[str, _Flight] = {}  # file id -> where it is
@@ -153,8 +161,9 @@ class Dispatcher:
             task_id = str(uuid.uuid4())
             with self._lock:
                 now = self.clock()
+                home = self.home
                 for path, fid, ident in batch:
-                    self._flights[fid] = _Flight(path, task_id, ident)
+                    self._flights[fid] = _Flight(path, task_id, ident, home)
                     self._paths.add(path)
                 self._tasks[task_id] = _Task([(p, f) for p, f, _ in batch], now)
                 if self._busy_since is None:
@@ -192,6 +201,9 @@ class Dispatcher:
                 continue  # in flight: a late event for it means nothing new
             try:
                 st = os.stat(path, follow_symlinks=False)
+            except PermissionError:  # not gone: hidden by a folder's permission, taken later
+                self.finisher.denied.note(blocking_folder(path))
+                continue
             except OSError:
                 continue  # gone before we got to it
             fid = file_id(path, st)
@@ -287,7 +299,7 @@ class Dispatcher:
                 for r in reply.results:
                     flight = flights.get(r.id) if r.id else None
                     if flight is not None and r.id:
-                        answers.append(Answer(flight.path, r.id, flight.ident, r))
+                        answers.append(Answer(flight.path, r.id, flight.ident, r, flight.home))
         else:
             paths, fids = [p for p, _ in task.files], [f for _, f in task.files]
             results = miscounted(reply, paths, fids)
@@ -299,7 +311,10 @@ class Dispatcher:
             with self._lock:  # one look for the whole message
                 for r, (path, fid) in zip(results, task.files, strict=True):
                     flight = flights.get(fid)
-                    answers.append(Answer(path, fid, flight.ident if flight else None, r))
+                    if flight is None:
+                        answers.append(Answer(path, fid, None, r))
+                    else:
+                        answers.append(Answer(path, fid, flight.ident, r, flight.home))
         if answers:
             self._landed(self.finisher.submit(answers))
 

@@ -29,6 +29,8 @@ from done/ under its old name: copy it, not link it, to have it read again).
 from __future__ import annotations
 
 import collections
+import enum
+import errno
 import logging
 import os
 import stat
@@ -38,7 +40,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from mnistq.protocol import Result
+from mnistq.protocol import ErrorKind, Result
+from producer.access import Denied, blocking_folder, folder_id, unreadable
 from producer.csvsink import CsvSink, escape, unescaped
 from producer.inbox import (
     DISK_ERRNOS,
@@ -72,6 +75,18 @@ class Answer:
     fid: str
     ident: tuple[int, int, int, int] | None  # inbox.identity at send time; None: unknown
     result: Result
+    home: tuple[int, int] | None = None  # the inbox folder it was sent from; None: unknown
+
+
+class _Now(enum.Enum):
+    """Where an answered file is now (``Finisher._current``)."""
+
+    HERE = "here"  # the file sent, at its path: its row, and it is moved
+    GONE = "gone"  # removed by someone (or a folder named like an image): its row, not moved
+    REPLACED = "replaced"  # another file has its name: its row, and that one is new work
+    WRITTEN = "written"  # the same file, written to since it was sent: no row, read again
+    LEFT = "left"  # its folder (the inbox, or one in it) was removed or renamed: no row
+    DENIED = "denied"  # a permission hides it or refused its reading: no row, tried again
 
 
 @dataclass(frozen=True)
@@ -97,7 +112,9 @@ class Finisher:
         keep: bool = False,
         retry_s: float = RETRY_S,
         clock: Callable[[], float] = time.monotonic,
+        denied: Denied | None = None,
     ) -> None:
+        self.denied = denied or Denied()
         self.sink, self.inbox, self.done_dir, self.failed_dir = sink, inbox, done_dir, failed_dir
         self.review_dir = review_dir or review_dir_for(done_dir)
         self.keep, self.retry_s, self.clock = keep, retry_s, clock
@@ -177,13 +194,20 @@ class Finisher:
                 continue
             fids.add(a.fid)
             dest = ""
-            st, replaced, written = self._current(a)
-            if written:
+            st, now = self._current(a)
+            if now is _Now.WRITTEN:
                 # Its answer is of a file half written: no row; the file is new work again,
                 # taken when its writer is done (the written file's events, or it settles).
                 log.info("%s was written to while it was read; it is read again", a.path)
                 landed.append(Landed(a, written=False, replaced=True))
                 continue
+            if now is _Now.LEFT or now is _Now.DENIED:
+                # Not lost: it left the inbox with its folder (a row would say it was not found,
+                # or name no place), or a permission hides it (its row comes when it is back).
+                log.debug("%s: no row (%s)", a.path, now.value)
+                landed.append(Landed(a, written=False, replaced=st is not None))
+                continue
+            replaced = now is _Now.REPLACED
             if self.keep:
                 st, replaced = None, False
             if st is not None:
@@ -194,6 +218,9 @@ class Finisher:
                     if e.errno in DISK_ERRNOS:
                         self._undo(placed)
                         raise _Blocked(f"cannot put files in {where}: {e.strerror or e}") from None
+                    if e.errno in (errno.EACCES, errno.EPERM) and self._hidden(a.path):
+                        landed.append(Landed(a, written=False))  # its permission went meanwhile
+                        continue
                     self._warn_once(a.path, st, f"could not move {a.path} to {where}: {e}; it stays")
                 else:
                     placed.append((a, st, dest, created))
@@ -207,6 +234,8 @@ class Finisher:
         except Exception:  # a bug: no link stays in done/ without its row (a crash's links are reused)
             self._undo(placed)
             raise
+        for r in rows:  # a file refused before for a permission: said when it has its row
+            self.denied.cleared(r.path)
         # Only now, with their rows written, do the inbox entries go; before them, the links a
         # run that stopped before its rows left where these files no longer go (while the inbox
         # entry stays, a crash here still finds the row: Finisher._linked_row).
@@ -226,26 +255,54 @@ class Finisher:
         """The file's first-choice name in each output folder."""
         return [target(path, self.inbox, d) for d in (self.done_dir, self.review_dir, self.failed_dir)]
 
-    def _current(self, a: Answer) -> tuple[os.stat_result | None, bool, bool]:
-        """The file to place: (its lstat, False, False); (None, True, False) when another file took
-        its name; (None, False, True) when it is the same file (device and inode) written to since
-        it was sent (another size or mtime); (None, False, False) when it is gone or is a folder (a
-        folder named x.png keeps its place)."""
+    def _current(self, a: Answer) -> tuple[os.stat_result | None, _Now]:
+        """Where the answered file is now (see _Now), with its lstat when it is HERE (or
+        anything at all is at its path, for LEFT). A permission is never taken for absence."""
         try:
             st = os.lstat(a.path)
+        except PermissionError:
+            self.denied.note(blocking_folder(a.path))
+            return None, _Now.DENIED
         except OSError:
-            return None, False, False
+            return None, _Now.LEFT if self._left(a, gone=True) else _Now.GONE
         if stat.S_ISDIR(st.st_mode):
-            return None, False, False
+            return None, _Now.GONE  # a folder named x.png keeps its place
         if a.ident is None:
             same = file_id(a.path, st) == a.fid
         elif identity(st) == a.ident:
             same = True
         elif a.ident[:2] == (st.st_dev, st.st_ino):
-            return None, False, True
+            return None, _Now.WRITTEN
         else:
             same = False
-        return (st, False, False) if same else (None, True, False)
+        if not same:
+            return (st, _Now.LEFT) if self._left(a, gone=False) else (None, _Now.REPLACED)
+        if a.result.error_kind is ErrorKind.REFUSED and unreadable(a.path):
+            self.denied.note(a.path, file=True)  # the worker could not open it either
+            return None, _Now.DENIED
+        return st, _Now.HERE
+
+    def _left(self, a: Answer, gone: bool) -> bool:
+        """The file's inbox is not the folder it was sent from (removed or renamed: it went
+        with its folder, it was not lost), or (``gone``) its own folder is no longer there."""
+        if a.home is not None:
+            try:
+                if folder_id(self.inbox) != a.home:
+                    return True
+            except OSError:
+                pass  # cannot tell: as it was
+        return gone and not os.path.isdir(os.path.dirname(a.path))
+
+    def _hidden(self, path: str) -> bool:
+        """A permission hides ``path`` now (said once, Denied)."""
+        try:
+            os.lstat(path)
+        except PermissionError:
+            self.denied.note(blocking_folder(path))
+            return True
+        except OSError:
+            return False
+        return False
 
     def _undo(self, placed: list[tuple[Answer, os.stat_result, str, bool]]) -> None:
         for _, _, dest, created in placed:

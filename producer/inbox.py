@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from mnistq.protocol import EXTENSIONS
+from producer.access import Denied
 
 _TEMP_SUFFIXES = (".part", ".tmp", ".crdownload", ".partial", ".swp", ".swx", ".download", "~")
 
@@ -40,18 +41,24 @@ def file_id(path: str, st: os.stat_result) -> str:
 
 
 def scan(
-    inbox: Path, skip: tuple[Path, ...], known: Callable[[str], bool] | None = None
+    inbox: Path,
+    skip: tuple[Path, ...],
+    known: Callable[[str], bool] | None = None,
+    denied: Denied | None = None,
 ) -> Iterator[tuple[str, os.stat_result]]:
     """Every wanted regular file below the inbox, lazily: a folder is read as its entries are
     taken, never listed whole first (a pass over a flood that stops when the caller is full
     holds one buffer, and goes on from there later; see Intake.scan).
 
     ``known(path)``: the caller has it already (a candidate, in flight): not even stat'ed.
+    ``denied``: told of each folder that cannot be read for a permission (and of one that can
+    again); a folder gone meanwhile is passed over quietly.
     """
     skipped = {str(s) for s in skip}
     stack = [str(inbox)]
     while stack:
         top = stack.pop()
+        hidden = False  # an entry whose lstat this folder's permission refuses
         try:
             with os.scandir(top) as entries:
                 for entry in entries:
@@ -71,11 +78,21 @@ def scan(
                         continue
                     try:
                         st = entry.stat(follow_symlinks=False)
+                    except PermissionError:
+                        hidden = True
+                        continue
                     except OSError:
                         continue
                     yield path, st
-        except OSError:  # a folder gone or unreadable meanwhile: the others are still read
+        except PermissionError:  # said, and read again while it lasts (Denied)
+            hidden = True
+        except OSError:  # a folder gone meanwhile: the others are still read
             continue
+        if denied is not None:
+            if hidden:
+                denied.note(top)
+            else:
+                denied.cleared(top)
 
 
 #: Errors that say the disk, not the file, is the trouble: the work waits until they pass.

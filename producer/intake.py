@@ -166,6 +166,11 @@ class Intake:
     def request_rescan(self) -> None:
         self.rescan_needed = True
 
+    def restart(self) -> None:
+        """The inbox is another folder now: the pass under way reads the old one; read the new."""
+        self._pass = None
+        self.rescan_needed = True
+
     # -- what it gives back -------------------------------------------------------------
     def tick(self, now: float, *, limit: int | None = None, stat: Stat = _lstat) -> list[str]:
         """Settle the candidates, then take up to ``limit`` ready paths, oldest first."""
@@ -174,6 +179,10 @@ class Intake:
                 continue  # a look before settle_s has passed could not make it ready anyway
             try:
                 st = stat(path)
+            except PermissionError:  # a folder's permission hides it: a pass says so, and finds it later
+                del self._fresh[path]
+                self.rescan_needed = True
+                continue
             except OSError:
                 del self._fresh[path]  # gone: nothing to do
                 continue

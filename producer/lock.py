@@ -1,6 +1,12 @@
 """One producer per inbox and per CSV: an exclusive ``flock`` on a small lock file for each,
 taken by ``check_paths`` once the paths a producer is given have been checked.
 
+The inbox has two: ``.mnistq.lock`` inside it (what producers on a folder above or inside it
+look for), and ``.NAME.mnistq.lock`` beside it, in its parent, which survives the inbox being
+removed or renamed: a second producer on that path is refused whatever happens to the folder
+(a parent the producer may not write in has none; the watcher then locks a new folder at once,
+see producer/watcher.py).
+
 The kernel holds the lock, so a producer that dies (even by SIGKILL) releases it with its last
 descriptor; the file's content, the holder's PID, only serves the refusal message. A clean
 release removes the file; a crash leaves it behind, harmless, and the next holder reuses it.
@@ -30,16 +36,19 @@ class PathLock:
         self.path, self.what = path, what
         self._fd: int | None = None
 
-    def acquire(self) -> None:
-        """Take the lock, or raise ConfigError naming the PID that holds it."""
+    def acquire(self, optional: bool = False) -> bool:
+        """Take the lock, or raise ConfigError naming the PID that holds it. ``optional``: a lock
+        file that cannot be created (no permission, a read-only folder) is no error: False."""
         if self._fd is not None:
-            return
+            return True
         # The holder removes the file when it releases: a file opened just before that is no
         # longer the one at ``path``, so locking it would prove nothing. Then try again.
         for _ in range(20):
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
             except OSError as e:
+                if optional:  # what is wrong with the folder is said by what needs it
+                    return False
                 raise ConfigError(
                     f"cannot write in {self.path.parent}: {e.strerror} (for the lock file {self.path.name})"
                 ) from None
@@ -66,6 +75,13 @@ class PathLock:
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
+        return True
+
+    def forget(self) -> None:
+        """Give the lock up without removing the file at ``path``: it is another folder's now."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def release(self) -> None:
         if self._fd is None:
@@ -162,6 +178,8 @@ def check_paths(args: argparse.Namespace) -> None:
                 f"the folder of the inbox {args.inbox} does not exist: create {inbox.parent} first, "
                 "or choose another --inbox"
             )
+        # Beside the inbox: it holds while the inbox itself is removed or renamed.
+        taken += _lock(beside(inbox), f"watching {inbox}", optional=True)
         try:
             inbox.mkdir(exist_ok=True)
         except OSError as e:
@@ -229,12 +247,32 @@ def lock_csv(csv: Path) -> list[PathLock]:
     return _lock(csv.parent / f".{csv.name}.lock", f"writing {csv}")
 
 
-def _lock(path: Path, what: str) -> list[PathLock]:
-    """Take one lock unless this process holds it; returns it if it was taken now."""
+def beside(inbox: Path) -> Path:
+    """The inbox's lock file in its parent (hidden, so never work for a producer watching it)."""
+    return inbox.parent / f".{inbox.name}{INBOX_LOCK}"
+
+
+def relock_inbox(inbox: Path, present: bool) -> None:
+    """The folder at ``inbox`` is not the one locked (removed or renamed): give up the lock file
+    of the old one, wherever it went (a producer may watch it there), without removing the file
+    now at that path; with ``present``, lock the new folder's. ConfigError if another producer
+    holds that (possible only where the lock beside the inbox could not be taken)."""
+    path = inbox / INBOX_LOCK
+    old = _held.pop(path, None)
+    if old is not None:
+        old.forget()
+    if present:
+        _lock(path, f"watching {inbox}")
+
+
+def _lock(path: Path, what: str, optional: bool = False) -> list[PathLock]:
+    """Take one lock unless this process holds it; returns it if it was taken now (``optional``:
+    none when its file cannot be created)."""
     if path in _held:
         return []
     lock = PathLock(path, what)
-    lock.acquire()
+    if not lock.acquire(optional):
+        return []
     if not _held:
         atexit.register(release_paths)  # a clean exit leaves no lock file behind
     _held[path] = lock

@@ -5,6 +5,10 @@ the intake (producer/intake.py) decides when a file is complete, the dispatcher
 (producer/dispatch.py) sends it, writes its row and moves it. Only files in flight (at most
 ``max_inflight``) and a bounded set of candidates are held; the folder is read in passes when
 hints had to be dropped (a flood, an inotify overflow) and every ``rescan_s`` as a safety net.
+
+The inbox is one folder, told from another at its path by its device and inode: looked at every
+``HOME_LOOK_S``. Removed or renamed, it is said in one warning; what it held is no longer
+inbox work (no row: see docs/faults.md); a new folder at the path is locked and watched at once.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Protocol
 
 from mnistq.errors import ConfigError
 from mnistq.protocol import Reply
+from producer.access import Denied, folder_id
 from producer.broker import BrokerUnavailable, Outage
 from producer.csvsink import CsvSink
 from producer.dispatch import MAX_IN_FLIGHT, Dispatcher, Progress
@@ -27,6 +32,7 @@ from producer.evidence import lost_work_for
 from producer.finish import review_dir_for
 from producer.inbox import scan
 from producer.intake import EventKind, Intake
+from producer.lock import relock_inbox
 
 log = logging.getLogger("mnistq.producer")
 
@@ -42,6 +48,11 @@ COLLECT_WAIT_S = 0.2
 LOG_EVERY_S = 10.0
 #: While the broker is away, how often the loop asks whether it is back.
 PING_EVERY_S = 1.0
+#: How often the loop looks whether the inbox is still the folder it took (one stat).
+HOME_LOOK_S = 0.1
+#: While some folder or file cannot be read (a permission), how often the inbox is read again:
+#: its files are taken as soon as the permission is back.
+DENIED_RESCAN_S = 5.0
 
 
 class Connection(Protocol):
@@ -101,6 +112,7 @@ class Watcher:
         self.skip = (done, opts.failed_dir.resolve(), review_dir_for(done))
         cap = max(opts.hold, 4 * opts.message_size)
         self.hints = Hints(cap)
+        self.denied = Denied(DENIED_RESCAN_S)
         self.dispatch = Dispatcher(
             client,
             sink,
@@ -114,6 +126,7 @@ class Watcher:
             on_progress=on_progress,
             # a new file took a finished one's name: it is new work
             on_replaced=lambda path: self.hints.put(EventKind.CREATED, path),
+            denied=self.denied,
         )
         self.intake = Intake(
             polling=opts.polling,
@@ -124,23 +137,16 @@ class Watcher:
             busy=self.dispatch.is_busy,
         )
         self._next_ping = 0.0
+        self._observer: Source | None = None
+        self._home: tuple[int, int] | None = None  # the inbox folder watched; None: none now
+        self._next_home = 0.0
 
     def run(self) -> Progress:
         """Watch until ``stop`` is set (or, with drain, until the inbox is done); finish the rows
         in hand for up to ``grace_s``. Returns the counts; ``abandoned`` > 0 if it gave up on some."""
         self.inbox.mkdir(parents=True, exist_ok=True)
-        observer: Source | None = None
-        if not self.opts.drain:  # before the collector starts: nothing to undo if this fails
-            try:
-                observer = source_for(
-                    self.inbox, self.hints, self.opts.polling, self.skip, self.dispatch.is_busy
-                )
-                observer.start()
-            except OSError as e:  # inotify's limits (ENOSPC: max_user_watches, EMFILE: instances)
-                raise ConfigError(
-                    f"cannot watch {self.inbox} for events: {e.strerror}; raise "
-                    "fs.inotify.max_user_watches / max_user_instances, or use --polling"
-                ) from None
+        self._home = self.dispatch.home = folder_id(self.inbox)
+        self._watch()  # before the collector starts: nothing to undo if this fails
         finished = threading.Event()  # tells the collector that no more results are expected
         collector = threading.Thread(
             target=self._collect, args=(finished,), name="mnistq-results", daemon=True
@@ -152,6 +158,7 @@ class Watcher:
         try:
             self._loop()
         finally:
+            observer = self._observer
             if observer is not None:
                 observer.stop()
             deadline = time.monotonic() + self.opts.grace_s
@@ -165,6 +172,7 @@ class Watcher:
             collector.join()  # it returns within one receive; the sink must outlive its writes
             if observer is not None:
                 observer.join(timeout=5)
+            self._observer = None
         return self.dispatch.progress()
 
     def _loop(self) -> None:
@@ -180,7 +188,11 @@ class Watcher:
                 intake.request_rescan()
             now = time.monotonic()
             if intake.scan_due(now):
-                walk = None if intake.scanning else scan(self.inbox, self.skip, known=self._known)
+                walk = (
+                    None
+                    if intake.scanning
+                    else scan(self.inbox, self.skip, known=self._known, denied=self.denied)
+                )
                 intake.scan(walk, now, time.time(), dispatch.already_done)
             # While the broker is away the files wait in the inbox, not in a failing send.
             ready = intake.tick(now, limit=dispatch.room()) if self._broker_ok(now) else []
@@ -188,6 +200,11 @@ class Watcher:
                 intake.put_back(unsent)
                 self.stop.wait(1)  # the broker failed: give it a moment
             intake.put_back(dispatch.tick())  # rows the disk refused; lost messages' files
+            if now >= self._next_home:
+                self._next_home = now + HOME_LOOK_S
+                self._look_home()
+            if self.denied.rescan_due(now):  # a permission may be back: its files get their rows
+                intake.request_rescan()
             if now - last_log >= LOG_EVERY_S:
                 last_log = now
                 p = dispatch.progress()
@@ -200,6 +217,51 @@ class Watcher:
                     )  # fmt: skip
             if self.opts.drain and intake.idle and dispatch.idle:
                 return
+
+    def _watch(self) -> None:
+        """Start the event source on the inbox folder there now (not with --drain)."""
+        if self.opts.drain:
+            return
+        try:
+            self._observer = source_for(
+                self.inbox, self.hints, self.opts.polling, self.skip, self.dispatch.is_busy
+            )
+            self._observer.start()
+        except OSError as e:  # inotify's limits (ENOSPC: max_user_watches, EMFILE: instances)
+            self._observer = None
+            raise ConfigError(
+                f"cannot watch {self.inbox} for events: {e.strerror}; raise "
+                "fs.inotify.max_user_watches / max_user_instances, or use --polling"
+            ) from None
+
+    def _look_home(self) -> None:
+        """The inbox removed, renamed or replaced: one warning; the old folder's events and lock
+        given up (its files are not inbox work now); a new folder there locked and watched at
+        once, and read. The lock beside the inbox holds throughout (producer/lock.py)."""
+        try:
+            now = folder_id(self.inbox)
+        except OSError:
+            return  # cannot tell (its parent unreadable): as it was
+        if now == self._home:
+            return
+        if self._home is not None:
+            if self._observer is not None:  # its events name the old folder's files by our path
+                self._observer.stop()
+                self._observer.join(timeout=5)
+                self._observer = None
+            log.warning(
+                "the inbox %s was removed or renamed: the files it held are no longer taken, and "
+                "get no row; %s",
+                self.inbox,
+                "watching the new folder there" if now else "waiting for a folder there",
+            )
+        elif now is not None:
+            log.info("the inbox %s is there again: watching it", self.inbox)
+        self._home = self.dispatch.home = now
+        relock_inbox(self.inbox, present=now is not None)  # ConfigError: another producer has it
+        if now is not None:
+            self._watch()
+            self.intake.restart()
 
     def _known(self, path: str) -> bool:
         return self.intake.tracks(path) or self.dispatch.is_busy(path)

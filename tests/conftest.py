@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -162,3 +163,19 @@ def write_digits(folder: Path, count: int, prefix: str = "img") -> dict[Path, in
         Image.fromarray(digit_image(d)).save(path)
         out[path] = d
     return out
+
+
+def no_dac() -> list[str]:
+    """A command prefix that runs a process without the capabilities that let root ignore file
+    permissions ([] for another user, who has none); skips where that cannot be done."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("root here, and no setpriv to drop CAP_DAC_OVERRIDE: no permission error can happen")
+    drop = "-dac_override,-dac_read_search"
+    prefix = [setpriv, f"--inh-caps={drop}", f"--bounding-set={drop}"]
+    check = subprocess.run([*prefix, "true"], capture_output=True, text=True)
+    if check.returncode != 0:
+        pytest.skip(f"setpriv cannot drop capabilities here: {check.stderr.strip()}")
+    return prefix

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import WorkerProc, write_digits
+from conftest import WorkerProc, no_dac, write_digits
 
 from mnistq.embedded import EmbeddedRedis
 from mnistq.protocol import QUEUE
@@ -293,3 +293,111 @@ def test_redis_restarted_without_persistence_mid_burst_every_file_gets_its_row(t
         for worker in workers:
             worker.stop()
         server.stop()
+
+
+def queue_settles(url: str) -> Callable[[], bool]:
+    """True once the queue is empty (the worker took every message)."""
+    queue = redis.Redis.from_url(url)
+    return lambda: queue.llen(QUEUE) == 0
+
+
+@pytest.mark.timeout(180)
+def test_a_permission_lost_mid_burst_is_said_once_and_the_files_get_their_rows_when_it_is_back(
+    start_worker: Callable[..., WorkerProc], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a user whose permissions hold (root without DAC capabilities): a folder set to mode
+    000 with its files in flight, a file at mode 000, a folder at mode 000 from the start. No
+    `refused` or `not_found` row, no row naming no place; one warning each; their rows once the
+    permission is back (issue 25, 17)."""
+    import conftest
+
+    from mnistq.supervisor import worker_command
+
+    prefix = no_dac()
+    monkeypatch.setattr(conftest, "worker_command", lambda *a: [*prefix, *worker_command(*a)])
+    worker = start_worker()
+    w = Watch(worker.env, tmp_path)
+    w.cmd = [*prefix, *w.cmd]
+    staged = write_digits(tmp_path / "staging", 60)
+    names = sorted(p.name for p in staged)
+    closed, sub = w.inbox / "closed", w.inbox / "sub"
+    for i, p in enumerate(staged):
+        if i < 2:
+            closed.mkdir(parents=True, exist_ok=True)
+            os.rename(p, closed / p.name)
+    closed.chmod(0)  # never readable to this producer until the end
+    sub.mkdir()
+    try:
+        w.start()
+        worker.signal(signal.SIGSTOP)  # the messages wait: their files are in flight
+        rest = [p for p in staged if p.exists()]
+        locked = rest.pop()
+        locked.chmod(0)
+        os.rename(locked, w.inbox / locked.name)
+        for p in rest:
+            os.rename(p, sub / p.name)
+        time.sleep(2)  # sent
+        sub.chmod(0)
+        worker.signal(signal.SIGCONT)
+        wait_for(queue_settles(worker.url), 30, w.text)
+        later = write_digits(tmp_path / "later", 1, prefix="later")
+        os.rename(next(iter(later)), w.inbox / "later.png")  # the watcher goes on meanwhile
+        wait_for(lambda: len(read_rows(w.csv)) >= 1, 30, w.text)
+        time.sleep(1)
+        rows = read_rows(w.csv)
+        assert [Path(r["path"]).name for r in rows] == ["later.png"], rows
+        text = w.text()
+        for folder in (closed, sub, w.inbox / locked.name):
+            assert text.count(f"cannot read {folder} (permission denied)") == 1, text
+        sub.chmod(0o755)
+        closed.chmod(0o755)
+        (w.inbox / locked.name).chmod(0o644)
+        wait_for(lambda: len(read_rows(w.csv)) >= 61, 60, lambda: f"{len(read_rows(w.csv))} rows\n{w.text()}")
+        time.sleep(1)
+        rows = read_rows(w.csv)
+        one_row_each(rows, {*names, "later.png"})
+        assert all(r["error"] == "" for r in rows), [r for r in rows if r["error"]][:3]
+        text = w.text()
+        assert text.count("WARNING") == 3 and text.count("can be read again") == 3, text
+        assert w.stop() == 0
+        assert "Traceback" not in w.text()
+    finally:
+        for folder in (closed, sub):
+            if folder.exists():
+                folder.chmod(0o755)
+        w.kill()
+
+
+@pytest.mark.timeout(180)
+def test_files_in_flight_when_the_inbox_is_renamed_get_no_row_and_one_each_when_back(
+    start_worker: Callable[..., WorkerProc], tmp_path: Path
+) -> None:
+    worker = start_worker()
+    w = Watch(worker.env, tmp_path)
+    staged = write_digits(tmp_path / "staging", 200)
+    w.inbox.mkdir()
+    try:
+        w.start()
+        worker.signal(signal.SIGSTOP)  # the messages wait: their files are in flight
+        for p in staged:
+            os.rename(p, w.inbox / p.name)
+        time.sleep(2)  # sent
+        away = tmp_path / "inbox.away"
+        os.rename(w.inbox, away)
+        worker.signal(signal.SIGCONT)  # the worker finds none of them
+        wait_for(queue_settles(worker.url), 30, w.text)
+        time.sleep(2)
+        assert read_rows(w.csv) == [], "rows for files that were not lost"
+        os.rename(away, w.inbox)  # back: each one is taken, once
+        wait_for(
+            lambda: len(read_rows(w.csv)) >= 200, 60, lambda: f"{len(read_rows(w.csv))} rows\n{w.text()}"
+        )
+        time.sleep(1)
+        rows = read_rows(w.csv)
+        one_row_each(rows, {p.name for p in staged})
+        assert all(r["error"] == "" for r in rows)
+        text = w.text()
+        assert text.count("WARNING") == 1 and "was removed or renamed" in text, text
+        assert w.stop() == 0
+    finally:
+        w.kill()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -237,3 +238,41 @@ def test_open_writers_are_capped_too(kind: EventKind) -> None:
     # The one not tracked is still ready when its writer closes it.
     intake.on_event(EventKind.CLOSED_WRITE, "/in/w2.png", 1.0)
     assert intake.tick(1.0, stat=no_stat) == ["/in/w2.png"]
+
+
+def test_a_candidate_a_permission_hides_asks_for_a_pass_that_says_so() -> None:
+    """EACCES is not a vanished file: a pass over the inbox (which warns, and finds the file
+    once it can) is asked for (issue 25, 17)."""
+
+    def hidden(path: str) -> os.stat_result:
+        raise PermissionError(13, "Permission denied", path)
+
+    intake = Intake(settle_s=1.0)
+    intake.scan([], 0.0, 0.0, lambda p, st: False)  # the periodic pass is not due for a while
+    intake.on_event(EventKind.CREATED, A, 0.0)
+    assert intake.tick(0.1, stat=hidden) == []
+    assert intake.rescan_needed and not intake.idle
+    assert intake.scan_due(0.2)
+
+
+def test_denied_says_each_once_and_asks_for_looks_until_read_or_gone(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from producer.access import Denied
+
+    caplog.set_level(logging.INFO, logger="mnistq.producer")
+    sub, other = tmp_path / "sub", tmp_path / "other"
+    sub.mkdir()
+    other.mkdir()
+    denied = Denied(retry_s=5.0)
+    assert not denied.rescan_due(0.0)  # nothing denied: no extra passes
+    for _ in range(3):
+        denied.note(str(sub))
+    denied.note(str(other))
+    assert [m.split(" (")[0] for m in caplog.messages] == [f"cannot read {sub}", f"cannot read {other}"]
+    assert denied.rescan_due(1.0) and not denied.rescan_due(2.0) and denied.rescan_due(6.0)
+    denied.cleared(str(sub))
+    denied.cleared(str(sub))
+    assert caplog.messages[-1] == f"{sub} can be read again" and len(caplog.messages) == 3
+    other.rmdir()  # gone: nothing left to wait for
+    assert not denied.rescan_due(11.0) and not denied.rescan_due(20.0)

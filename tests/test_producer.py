@@ -385,3 +385,41 @@ def test_inotify_hints_follow_arrivals_writers_and_folders(tmp_path: Path) -> No
         "sub/e.png": written,
         "z.png": [EventKind.MOVED_IN],
     }
+
+
+def test_an_inbox_removed_and_made_again_is_locked_and_watched_at_once(
+    watch: Callable[..., Watch], tmp_path: Path
+) -> None:
+    """`rm -rf inbox; mkdir inbox; cp x.png inbox/` under a running producer (issue 25, 1): one
+    warning; a second producer is refused while the folder is gone and after it is back; the
+    new folder has its lock and its files are taken at once, not by a rescan 30 s later."""
+    first = watch().start()
+    assert first.proc is not None
+    beside = tmp_path / ".inbox.mnistq.lock"  # the lock that outlives the folder
+    other_csv = tmp_path / "other.csv"
+    second = [*MNISTQ, "watch", "--drain", "--inbox", str(first.inbox), "--csv", str(other_csv)]
+
+    def refused() -> None:
+        out = subprocess.run(second, env=first.env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == ExitCode.CONFIG, out.stderr
+        assert f"another producer (pid {first.proc.pid}) is already watching {first.inbox}" in out.stderr
+        assert out.stderr.count("\n") == 1, out.stderr
+
+    shutil.rmtree(first.inbox)
+    time.sleep(0.5)
+    refused()  # the inbox is gone: the lock beside it holds
+    assert not first.inbox.exists()  # the refused one made nothing
+    first.inbox.mkdir()
+    staged = write_digits(tmp_path / "staging", 1)
+    shutil.copy(next(iter(staged)), first.inbox / "x.png")
+    started = time.monotonic()
+    rows = helpers_run.wait_rows(first.csv, 1, timeout=20)
+    assert time.monotonic() - started < 10, "found by a rescan, not at once"
+    assert [Path(r["path"]).name for r in rows] == ["x.png"] and rows[0]["error"] == ""
+    assert (first.inbox / ".mnistq.lock").exists()
+    refused()
+    assert not other_csv.exists()
+    log = first.log.read_text()
+    assert log.count("WARNING") == 1 and "was removed or renamed" in log, log
+    assert first.stop() == 0
+    assert not beside.exists() and not (first.inbox / ".mnistq.lock").exists()

@@ -8,11 +8,15 @@ import csv
 import errno
 import logging
 import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import no_dac
 from test_dispatch import Setup, answer
 
 import producer.finish
@@ -418,3 +422,79 @@ def test_a_stray_link_left_past_the_row_goes_with_the_inbox_entry(
     assert scan(s) == []
     assert [r["moved_to"] for r in read_rows(s.csv)] == [str(s.done / "f0.png")]
     assert list(review.iterdir()) == [] and list(s.inbox.iterdir()) == []
+
+
+def test_files_whose_inbox_was_renamed_away_get_no_row_until_they_are_back(tmp_path: Path) -> None:
+    """Inbox renamed mid-burst, a new one made at its path: no not_found row, no row naming no
+    place, for files that still exist; moved back, each gets its one row (issue 25, 17)."""
+    s = Setup(tmp_path, 3)
+    s.dispatch.send(s.paths)
+    away = tmp_path / "inbox.away"
+    os.rename(s.inbox, away)
+    s.inbox.mkdir()  # a new folder there, holding another f2.png
+    (s.inbox / "f2.png").write_bytes(b"another file")
+    task_id, paths, ids = s.broker.sent[0]
+    results = answer(s.broker.sent[0]).results  # f0, f2 read before the rename
+    results[1] = Result.failed(paths[1], ErrorKind.NOT_FOUND, "file not found", ids[1])  # after
+    s.dispatch.on_reply(Reply(task_id, results))
+    assert read_rows(s.csv) == [] and s.dispatch.idle
+    assert sorted(p.name for p in away.iterdir()) == ["f0.png", "f1.png", "f2.png"]
+    assert s.replaced == [paths[2]]  # the new folder's f2.png is new work
+    # Moved back: read again, one row each, every one naming where its file is.
+    shutil.rmtree(s.inbox)
+    os.rename(away, s.inbox)
+    d = restart(s)
+    d.send(scan(s))
+    d.on_reply(answer(s.broker.sent[-1]))
+    rows = read_rows(s.csv)
+    assert sorted(Path(r["path"]).name for r in rows) == ["f0.png", "f1.png", "f2.png"]
+    assert all(r["error_kind"] == "" and Path(r["moved_to"]).exists() for r in rows)
+
+
+def test_files_whose_folder_moved_within_the_inbox_get_their_row_at_the_new_place(tmp_path: Path) -> None:
+    s = Setup(tmp_path)
+    (s.inbox / "sub").mkdir()
+    path = s.make("sub/x.png")
+    s.dispatch.send([path])
+    os.rename(s.inbox / "sub", s.inbox / "sub2")  # in flight: the worker found no file
+    task_id, _, ids = s.broker.sent[0]
+    s.dispatch.on_reply(Reply(task_id, [Result.failed(path, ErrorKind.NOT_FOUND, "file not found", ids[0])]))
+    assert read_rows(s.csv) == [] and s.dispatch.idle
+    s.dispatch.send([str(s.inbox / "sub2" / "x.png")])
+    s.dispatch.on_reply(answer(s.broker.sent[-1]))
+    assert [(r["path"], r["moved_to"]) for r in read_rows(s.csv)] == [
+        (str(s.inbox / "sub2" / "x.png"), str(s.done / "sub2" / "x.png"))
+    ]
+
+
+def test_an_answer_for_a_file_a_permission_hides_writes_no_row_until_it_is_back(tmp_path: Path) -> None:
+    """Read by the worker, then its folder set to mode 000 before the answer: no row naming no
+    place; the row once it can be read (issue 25, 17). Run as a process whose permissions hold."""
+    script = """
+import sys
+from pathlib import Path
+from test_dispatch import Setup, answer
+s = Setup(Path(sys.argv[1]))
+(s.inbox / "sub").mkdir()
+path = s.make("sub/x.png")
+s.dispatch.send([path])
+(s.inbox / "sub").chmod(0)
+s.dispatch.on_reply(answer(s.broker.sent[0]))
+print(len(s.rows()), s.dispatch.idle)
+(s.inbox / "sub").chmod(0o755)
+s.dispatch.send([path])
+s.dispatch.on_reply(answer(s.broker.sent[-1]))
+print([r["moved_to"] for r in s.rows()])
+"""
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run(
+        [*no_dac(), sys.executable, "-c", script, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["0 True", str([str(tmp_path / "done" / "sub" / "x.png")])], out.stdout
+    assert "cannot read" in out.stderr and "(permission denied)" in out.stderr
