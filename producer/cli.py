@@ -23,7 +23,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from mnistq.errors import ConfigError
-from mnistq.protocol import ExitCode
+from mnistq.protocol import EXIT_CODES_HELP, ExitCode
 from mnistq.settings import AUTO, ReviewBelow, Settings, parse_review_below
 from producer.client import Client
 from producer.csvsink import CsvSink
@@ -225,7 +225,9 @@ def watch_main(argv: list[str]) -> int:
 # -- classify -------------------------------------------------------------------------------
 def classify_main(argv: list[str]) -> int:
     settings = Settings.from_env()
-    p = argparse.ArgumentParser(prog="mnistq classify", description="Classify images through the queue.")
+    p = argparse.ArgumentParser(
+        prog="mnistq classify", description="Classify images through the queue.", epilog=EXIT_CODES_HELP
+    )
     p.add_argument("paths", nargs="+", type=Path, help="image files (the workers must be able to read them)")
     p.add_argument("--csv", type=Path, default=None, help="also append the rows to this CSV")
     p.add_argument(
@@ -267,6 +269,9 @@ def _classify(paths: list[Path], timeout: float, csv: Path | None, settings: Set
                 f"Predicted Digit: {r.digit}  (confidence {r.confidence:.3f}, model {r.model_version}){review}"
             )
         else:
-            print(f"{r.path}: Predicted Digit: {r.digit}  (confidence {r.confidence:.3f}){review}")
-    # 1 when any file failed, as before: the exit-code table has no row for failed inputs.
-    return ExitCode.UNEXPECTED if any(r.error for r in results) else ExitCode.OK
+            print(
+                f"{r.path}: Predicted Digit: {r.digit}  "
+                f"(confidence {r.confidence:.3f}, model {r.model_version}){review}"
+            )
+    # A refused or unreadable file is an ordinary outcome, not a bug (1): a code of its own.
+    return ExitCode.FAILED_INPUT if any(r.error for r in results) else ExitCode.OK

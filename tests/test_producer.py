@@ -214,6 +214,25 @@ def test_client_enqueue_progress_and_classify_cli(
     assert redis.Redis.from_url(worker.url).keys("celery-task-meta-*") == []
 
 
+def test_classify_says_a_refused_file_on_its_line_and_exits_5_as_predict_does(
+    shared_worker: WorkerProc, tmp_path: Path
+) -> None:
+    """A file outside the allowed roots is an ordinary outcome (exit 5), not a bug (1)."""
+    root: Path = shared_worker.root  # type: ignore[attr-defined]
+    good = write_digits(root / "classify-exit", 2)
+    outside = next(iter(write_digits(tmp_path / "elsewhere", 1)))
+    paths = [*map(str, good), str(outside)]
+    out = subprocess.run(
+        [*MNISTQ, "classify", *paths], env=shared_worker.env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == ExitCode.FAILED_INPUT == 5, out.stderr
+    assert out.stderr.splitlines() == [f"{outside}: error: {out.stderr.split(': error: ', 1)[1].strip()}"]
+    assert "outside the allowed" in out.stderr and "Traceback" not in out.stderr
+    lines = out.stdout.splitlines()  # the others are classified, each naming its model
+    assert [line.split(": Predicted Digit: ")[0] for line in lines] == paths[:2]
+    assert all(", model " in line for line in lines), lines
+
+
 def test_watch_drain_does_the_inbox_and_exits(watch: Callable[..., Watch]) -> None:
     w = watch("--drain")
     files = write_digits(w.inbox, 5)
