@@ -39,7 +39,9 @@ def verdict(ckpt: Checkpoint, not_digit: bool, confidence: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     settings = Settings.from_env()
-    p = argparse.ArgumentParser(prog="mnistq predict", description="Classify digit images.", epilog=EXIT_CODES_HELP)
+    p = argparse.ArgumentParser(
+        prog="mnistq predict", description="Classify digit images.", epilog=EXIT_CODES_HELP
+    )
     p.add_argument("images", nargs="+", type=Path, help="image files (any size, mode or polarity)")
     p.add_argument("--model", type=Path, default=settings.model, help="checkpoint (default: %(default)s)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: %(default)s")
