@@ -172,9 +172,9 @@ class _Run:
             return ExitCode.OK
         # A mistake in --inbox or --csv, or another producer on either: one line, and no child
         # started (the locks taken stay held for the watcher).
-        from producer.lock import check_paths
+        from producer.cli import check_inbox_and_paths
 
-        check_paths(self.args)
+        check_inbox_and_paths(self.args)
         failure: MnistqError | None = None
         try:
             url = self.supervisor.start()

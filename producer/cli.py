@@ -1,5 +1,5 @@
 """`mnistq watch` and `mnistq classify`; ``watch_parser`` and ``watch`` also serve `mnistq run`
-(with producer/lock.py's ``check_paths``).
+(with ``check_inbox_and_paths``).
 
 The human output lives here: the paths at start, the progress bar (a terminal only), the final
 line, `classify`'s answers. The modules below it only log. A mistake is one line and exit code
@@ -75,7 +75,8 @@ def watch_parser(prog: str, settings: Settings) -> argparse.ArgumentParser:
         "--inbox",
         type=Path,
         default=settings.inbox,
-        help="folder to watch, created if missing (default: %(default)s)",
+        help="folder to watch; created if missing (its folder must exist), which the first line says "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--csv",
@@ -155,11 +156,21 @@ def watch(args: argparse.Namespace, redis_url: str, settings: Settings, stop: th
     returns. Returns ``ExitCode.OK``, or ``ExitCode.ABANDONED`` when it stopped with files in
     flight whose rows did not come within the grace (they are redone on the next start).
     """
-    check_paths(args)
+    check_inbox_and_paths(args)
     try:
         return _watch(args, redis_url, settings, stop)
     finally:
         release_paths()
+
+
+def check_inbox_and_paths(args: argparse.Namespace) -> None:
+    """``check_paths``, then one line when it created the inbox, so that a misspelt ``--inbox``
+    (whose folder exists) is seen at once rather than watched in silence."""
+    inbox = args.inbox.expanduser()
+    new = not inbox.exists() and not inbox.is_symlink()
+    check_paths(args)
+    if new and inbox.is_dir():
+        print(f"created inbox {args.inbox} (it did not exist)", file=sys.stderr, flush=True)
 
 
 def _watch(args: argparse.Namespace, redis_url: str, settings: Settings, stop: threading.Event) -> int:
