@@ -96,7 +96,7 @@ class Job:
                 break
             except BrokerUnavailable as e:
                 client._wait_for_broker(e)
-        client.outage.ok()
+        client._broker_ok()
         with self._lock:
             self._sent_at[task_id] = self._news = time.monotonic()
 
@@ -149,7 +149,7 @@ class Job:
         except BrokerUnavailable as e:
             client._wait_for_broker(e, pause=min(timeout, 0.5))
             return
-        client.outage.ok()
+        client._broker_ok()
         self._resend_lost()  # LostWork looks at most once per its confirm_s
         now = time.monotonic()
         if now - self._news > LATE_S and now >= self._next_worker_check:
