@@ -133,7 +133,8 @@ def _progress_bar() -> tuple[tqdm, Callable[[Progress], None]]:
     def show(p: Progress) -> None:
         bar.total = p.done + p.in_flight
         bar.n = p.done
-        bar.set_postfix(failed=p.failed, rate=f"{p.images_per_s:.0f} img/s", refresh=False)
+        rate = {} if p.rate is None else {"rate": f"{p.rate:.0f} img/s"}
+        bar.set_postfix(failed=p.failed, **rate, refresh=False)
         bar.refresh()
 
     return bar, show
@@ -202,13 +203,15 @@ def _watch(args: argparse.Namespace, redis_url: str, settings: Settings, stop: t
     finally:
         bar.close()
         sink.close()
-    print(
-        f"done {progress.done} ({progress.failed} failed"
-        + (f", {progress.review} to review" if progress.review else "")
-        + f"), {progress.images_per_s:.0f} images/s",
-        file=sys.stderr,
-    )
+    print(final_line(progress), file=sys.stderr)
     return ExitCode.ABANDONED if progress.abandoned else ExitCode.OK
+
+
+def final_line(p: Progress) -> str:
+    """`done N (F failed, R to review), X images/s`: the rate only where enough work was timed."""
+    review = f", {p.review} to review" if p.review else ""
+    rate = "" if p.rate is None else f", {p.rate:.0f} images/s"
+    return f"done {p.done} ({p.failed} failed{review}){rate}"
 
 
 def _open_sink(csv: Path) -> CsvSink:

@@ -214,6 +214,18 @@ def test_client_enqueue_progress_and_classify_cli(
     assert redis.Redis.from_url(worker.url).keys("celery-task-meta-*") == []
 
 
+def test_a_jobs_progress_moves_with_each_result_handed_out(shared_worker: WorkerProc) -> None:
+    """The README's f"{job.done}/{job.total}": 1/20 ... 20/20, though one message brings all 20."""
+    root: Path = shared_worker.root  # type: ignore[attr-defined]
+    files = write_digits(root / "progress", 20)
+    with Client(shared_worker.url) as client:
+        job = client.enqueue(list(files))
+        assert len(job.tasks) == 1 and job.done == 0
+        seen = [f"{job.done}/{job.total}" for _ in job.as_completed(timeout=60)]
+        assert seen == [f"{i}/20" for i in range(1, 21)]
+        assert job.done == job.received == 20
+
+
 def test_classify_says_a_refused_file_on_its_line_and_exits_5_as_predict_does(
     shared_worker: WorkerProc, tmp_path: Path
 ) -> None:
