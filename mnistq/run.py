@@ -140,6 +140,30 @@ class _Run:
         except BaseException as e:  # handed to the main thread, which reports it
             self.error = e
 
+    def _say_when_ready(self, url: str) -> None:
+        """One line when the first worker answers with its model loaded. "watching" comes first,
+        while the workers still load their model: files dropped before this line wait for them."""
+        from mnistq.celeryconf import make_app
+
+        app = make_app(self.settings.with_(redis_url=url))
+        try:
+            while not self.stop.is_set():
+                try:  # what `mnistq status` asks; a worker answers once its model is loaded
+                    replies = app.control.broadcast("mnistq_model", reply=True, timeout=1.0, limit=1)
+                except Exception as e:  # the loop's edge: Redis restarting; ask again
+                    log.debug("asking the workers for their model: %s", e)
+                    replies = []
+                for name, info in (item for reply in replies or () for item in reply.items()):
+                    if isinstance(info, dict) and info.get("version"):
+                        log.info(
+                            "ready: worker %s serves model %s; files in %s are classified now",
+                            name.split("@", 1)[0], info["version"], _inbox(self.args),
+                        )  # fmt: skip
+                        return
+                self.stop.wait(0.5)
+        finally:
+            app.close()
+
     def _wait_watcher(self, supervise: bool, timeout: float | None = None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.thread is not None and self.thread.is_alive():
@@ -183,6 +207,9 @@ class _Run:
             self._poll()
             self.thread = threading.Thread(target=self._watch, args=(url,), name="mnistq-watch", daemon=True)
             self.thread.start()
+            threading.Thread(
+                target=self._say_when_ready, args=(url,), name="mnistq-ready", daemon=True
+            ).start()
             # Until the watcher returns (drained, or stopped and the rows in hand finished),
             # dead workers and a dead Redis are restarted: those rows need them.
             self._wait_watcher(supervise=True)
