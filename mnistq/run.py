@@ -65,7 +65,8 @@ def run_parser(settings: Settings) -> argparse.ArgumentParser:
         "The main job: an embedded Redis (unless REDIS_URL is set), N workers and the inbox watcher. "
         "Ctrl-C or SIGTERM finishes the rows in hand and stops; a second one stops at once. While it "
         "runs, `mnistq status`, `mnistq classify` and producer.Client() started beside its CSV find its "
-        f"Redis without REDIS_URL (it is recorded in {RUN_STATE_NAME} there)."
+        f"Redis without REDIS_URL (it is recorded in {RUN_STATE_NAME} there). Its workers read the inbox "
+        "and the folders in MNISTQ_ALLOWED_ROOTS (the Python API's files, kept out of the inbox)."
     )
     # Separate processes overlap decoding (Python, one core each) with inference better than
     # threads in one process do: on 2 cores, 2 processes x 2 threads gave 1.17-1.19x 1 x 2 threads.
@@ -285,8 +286,13 @@ def run_main(argv: list[str]) -> int:
         # Not another run's Redis from its state file: this run starts its own (or uses REDIS_URL).
         settings = Settings.from_env(run_state=False)
         args = run_parser(settings).parse_args(argv)
-        # The workers may open files under the inbox given here, not only the configured one.
+        # The workers may open files under the inbox given here, not only the configured one,
+        # and under MNISTQ_ALLOWED_ROOTS besides: the Python API's files, which the watcher
+        # must not take first (README, "Python API").
         settings = settings.with_(inbox=args.inbox, csv=args.csv)
+        if settings.allowed_roots:
+            roots = dict.fromkeys((settings.inbox.expanduser().resolve(), *settings.allowed_roots))
+            settings = settings.with_(allowed_roots=tuple(roots))
         code = _Run(args, settings, signals).main()
     if args.report and code != ExitCode.INTERRUPTED:
         from producer.report import write_report

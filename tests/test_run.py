@@ -66,7 +66,7 @@ def test_run_stops_everything_on_sigterm(start_run: Callable[..., Run]) -> None:
 
 
 def test_run_says_when_its_workers_are_ready_to_classify(start_run: Callable[..., Run]) -> None:
-    """"watching" comes while the workers still load their model: a line says when they can work."""
+    """ "watching" comes while the workers still load their model: a line says when they can work."""
     run = start_run("--workers", "1")
     deadline = time.monotonic() + 120
     while "ready: worker mnistq0 serves model " not in run.output():
