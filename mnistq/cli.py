@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import sys
+import textwrap
 from collections.abc import Callable
 
 from mnistq.errors import MnistqError
-from mnistq.protocol import ExitCode
+from mnistq.protocol import EXIT_CODES_HELP, ExitCode
 from mnistq.settings import Settings
 
 log = logging.getLogger("mnistq")
@@ -80,7 +81,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
 def usage() -> str:
     lines = ["usage: mnistq COMMAND [options]   (mnistq COMMAND --help for each)", ""]
     lines += [f"  {name:<9} {text}" for name, (_, text) in COMMANDS.items()]
-    return "\n".join(lines)
+    return "\n".join([*lines, "", textwrap.fill(EXIT_CODES_HELP, 100)])
 
 
 def main(argv: list[str] | None = None) -> int:

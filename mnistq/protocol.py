@@ -32,14 +32,25 @@ EXTENSIONS = frozenset(
 
 
 class ExitCode(IntEnum):
-    """Every command's exit status."""
+    """Every command's exit status (EXIT_CODES_HELP says them in words)."""
 
     OK = 0
     UNEXPECTED = 1  # a bug or an unforeseen failure: the log has the details
     CONFIG = 2  # configuration, broker or lock: a person must act
     MODEL = 3  # the model file is missing or unusable
     ABANDONED = 4  # stopped by a failure with work in flight left undone (redone on the next start)
+    #: `classify` and `predict`: a file got an error (refused, not found, unreadable, no digit);
+    #: each is said on its line and the others are still classified. An ordinary outcome, not a bug.
+    FAILED_INPUT = 5
     INTERRUPTED = 130  # a second Ctrl-C: stopped at once
+
+
+#: The exit-code table of `--help` (the README's says the same).
+EXIT_CODES_HELP = (
+    "exit status: 0 done; 1 unexpected (a bug); 2 a setting, the broker or a lock needs a person; "
+    "3 the model file is missing or unusable; 4 stopped by a failure with work left undone; "
+    "5 a file got an error (said on its line; the others are still classified); 130 a second Ctrl-C"
+)
 
 
 class ReviewReason(StrEnum):

@@ -65,7 +65,8 @@ def run_parser(settings: Settings) -> argparse.ArgumentParser:
         "The main job: an embedded Redis (unless REDIS_URL is set), N workers and the inbox watcher. "
         "Ctrl-C or SIGTERM finishes the rows in hand and stops; a second one stops at once. While it "
         "runs, `mnistq status`, `mnistq classify` and producer.Client() started beside its CSV find its "
-        f"Redis without REDIS_URL (it is recorded in {RUN_STATE_NAME} there)."
+        f"Redis without REDIS_URL (it is recorded in {RUN_STATE_NAME} there). Its workers read the inbox "
+        "and the folders in MNISTQ_ALLOWED_ROOTS (the Python API's files, kept out of the inbox)."
     )
     # Separate processes overlap decoding (Python, one core each) with inference better than
     # threads in one process do: on 2 cores, 2 processes x 2 threads gave 1.17-1.19x 1 x 2 threads.
@@ -140,6 +141,30 @@ class _Run:
         except BaseException as e:  # handed to the main thread, which reports it
             self.error = e
 
+    def _say_when_ready(self, url: str) -> None:
+        """One line when the first worker answers with its model loaded. "watching" comes first,
+        while the workers still load their model: files dropped before this line wait for them."""
+        from mnistq.celeryconf import make_app
+
+        app = make_app(self.settings.with_(redis_url=url))
+        try:
+            while not self.stop.is_set():
+                try:  # what `mnistq status` asks; a worker answers once its model is loaded
+                    replies = app.control.broadcast("mnistq_model", reply=True, timeout=1.0, limit=1)
+                except Exception as e:  # the loop's edge: Redis restarting; ask again
+                    log.debug("asking the workers for their model: %s", e)
+                    replies = []
+                for name, info in (item for reply in replies or () for item in reply.items()):
+                    if isinstance(info, dict) and info.get("version"):
+                        log.info(
+                            "ready: worker %s serves model %s; files in %s are classified now",
+                            name.split("@", 1)[0], info["version"], _inbox(self.args),
+                        )  # fmt: skip
+                        return
+                self.stop.wait(0.5)
+        finally:
+            app.close()
+
     def _wait_watcher(self, supervise: bool, timeout: float | None = None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.thread is not None and self.thread.is_alive():
@@ -172,9 +197,9 @@ class _Run:
             return ExitCode.OK
         # A mistake in --inbox or --csv, or another producer on either: one line, and no child
         # started (the locks taken stay held for the watcher).
-        from producer.lock import check_paths
+        from producer.cli import check_inbox_and_paths
 
-        check_paths(self.args)
+        check_inbox_and_paths(self.args)
         failure: MnistqError | None = None
         try:
             url = self.supervisor.start()
@@ -183,6 +208,9 @@ class _Run:
             self._poll()
             self.thread = threading.Thread(target=self._watch, args=(url,), name="mnistq-watch", daemon=True)
             self.thread.start()
+            threading.Thread(
+                target=self._say_when_ready, args=(url,), name="mnistq-ready", daemon=True
+            ).start()
             # Until the watcher returns (drained, or stopped and the rows in hand finished),
             # dead workers and a dead Redis are restarted: those rows need them.
             self._wait_watcher(supervise=True)
@@ -258,8 +286,13 @@ def run_main(argv: list[str]) -> int:
         # Not another run's Redis from its state file: this run starts its own (or uses REDIS_URL).
         settings = Settings.from_env(run_state=False)
         args = run_parser(settings).parse_args(argv)
-        # The workers may open files under the inbox given here, not only the configured one.
+        # The workers may open files under the inbox given here, not only the configured one,
+        # and under MNISTQ_ALLOWED_ROOTS besides: the Python API's files, which the watcher
+        # must not take first (README, "Python API").
         settings = settings.with_(inbox=args.inbox, csv=args.csv)
+        if settings.allowed_roots:
+            roots = dict.fromkeys((settings.inbox.expanduser().resolve(), *settings.allowed_roots))
+            settings = settings.with_(allowed_roots=tuple(roots))
         code = _Run(args, settings, signals).main()
     if args.report and code != ExitCode.INTERRUPTED:
         from producer.report import write_report

@@ -1,5 +1,5 @@
 """`mnistq watch` and `mnistq classify`; ``watch_parser`` and ``watch`` also serve `mnistq run`
-(with producer/lock.py's ``check_paths``).
+(with ``check_inbox_and_paths``).
 
 The human output lives here: the paths at start, the progress bar (a terminal only), the final
 line, `classify`'s answers. The modules below it only log. A mistake is one line and exit code
@@ -23,7 +23,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from mnistq.errors import ConfigError
-from mnistq.protocol import ExitCode
+from mnistq.protocol import EXIT_CODES_HELP, ExitCode
 from mnistq.settings import AUTO, ReviewBelow, Settings, parse_review_below
 from producer.client import Client
 from producer.csvsink import CsvSink
@@ -75,7 +75,8 @@ def watch_parser(prog: str, settings: Settings) -> argparse.ArgumentParser:
         "--inbox",
         type=Path,
         default=settings.inbox,
-        help="folder to watch, created if missing (default: %(default)s)",
+        help="folder to watch; created if missing (its folder must exist), which the first line says "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--csv",
@@ -132,7 +133,8 @@ def _progress_bar() -> tuple[tqdm, Callable[[Progress], None]]:
     def show(p: Progress) -> None:
         bar.total = p.done + p.in_flight
         bar.n = p.done
-        bar.set_postfix(failed=p.failed, rate=f"{p.images_per_s:.0f} img/s", refresh=False)
+        rate = {} if p.rate is None else {"rate": f"{p.rate:.0f} img/s"}
+        bar.set_postfix(failed=p.failed, **rate, refresh=False)
         bar.refresh()
 
     return bar, show
@@ -155,11 +157,21 @@ def watch(args: argparse.Namespace, redis_url: str, settings: Settings, stop: th
     returns. Returns ``ExitCode.OK``, or ``ExitCode.ABANDONED`` when it stopped with files in
     flight whose rows did not come within the grace (they are redone on the next start).
     """
-    check_paths(args)
+    check_inbox_and_paths(args)
     try:
         return _watch(args, redis_url, settings, stop)
     finally:
         release_paths()
+
+
+def check_inbox_and_paths(args: argparse.Namespace) -> None:
+    """``check_paths``, then one line when it created the inbox, so that a misspelt ``--inbox``
+    (whose folder exists) is seen at once rather than watched in silence."""
+    inbox = args.inbox.expanduser()
+    new = not inbox.exists() and not inbox.is_symlink()
+    check_paths(args)
+    if new and inbox.is_dir():
+        print(f"created inbox {args.inbox} (it did not exist)", file=sys.stderr, flush=True)
 
 
 def _watch(args: argparse.Namespace, redis_url: str, settings: Settings, stop: threading.Event) -> int:
@@ -191,13 +203,15 @@ def _watch(args: argparse.Namespace, redis_url: str, settings: Settings, stop: t
     finally:
         bar.close()
         sink.close()
-    print(
-        f"done {progress.done} ({progress.failed} failed"
-        + (f", {progress.review} to review" if progress.review else "")
-        + f"), {progress.images_per_s:.0f} images/s",
-        file=sys.stderr,
-    )
+    print(final_line(progress), file=sys.stderr)
     return ExitCode.ABANDONED if progress.abandoned else ExitCode.OK
+
+
+def final_line(p: Progress) -> str:
+    """`done N (F failed, R to review), X images/s`: the rate only where enough work was timed."""
+    review = f", {p.review} to review" if p.review else ""
+    rate = "" if p.rate is None else f", {p.rate:.0f} images/s"
+    return f"done {p.done} ({p.failed} failed{review}){rate}"
 
 
 def _open_sink(csv: Path) -> CsvSink:
@@ -225,7 +239,9 @@ def watch_main(argv: list[str]) -> int:
 # -- classify -------------------------------------------------------------------------------
 def classify_main(argv: list[str]) -> int:
     settings = Settings.from_env()
-    p = argparse.ArgumentParser(prog="mnistq classify", description="Classify images through the queue.")
+    p = argparse.ArgumentParser(
+        prog="mnistq classify", description="Classify images through the queue.", epilog=EXIT_CODES_HELP
+    )
     p.add_argument("paths", nargs="+", type=Path, help="image files (the workers must be able to read them)")
     p.add_argument("--csv", type=Path, default=None, help="also append the rows to this CSV")
     p.add_argument(
@@ -267,6 +283,9 @@ def _classify(paths: list[Path], timeout: float, csv: Path | None, settings: Set
                 f"Predicted Digit: {r.digit}  (confidence {r.confidence:.3f}, model {r.model_version}){review}"
             )
         else:
-            print(f"{r.path}: Predicted Digit: {r.digit}  (confidence {r.confidence:.3f}){review}")
-    # 1 when any file failed, as before: the exit-code table has no row for failed inputs.
-    return ExitCode.UNEXPECTED if any(r.error for r in results) else ExitCode.OK
+            print(
+                f"{r.path}: Predicted Digit: {r.digit}  "
+                f"(confidence {r.confidence:.3f}, model {r.model_version}){review}"
+            )
+    # A refused or unreadable file is an ordinary outcome, not a bug (1): a code of its own.
+    return ExitCode.FAILED_INPUT if any(r.error for r in results) else ExitCode.OK

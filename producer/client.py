@@ -70,7 +70,8 @@ class Client:
 
     ``settings`` default to ``Settings.from_env()``; ``message_size`` (paths per message)
     defaults to the settings' ``message_size``. ``reconnect_s``: how long ``enqueue`` and a
-    job's wait ride out a broker that cannot be reached before raising BrokerUnavailable.
+    job's wait ride out a broker that went away before raising BrokerUnavailable; one that never
+    answered this client raises it at once.
     ``review_below`` on a call: see the module; None there means the settings' (default off),
     ``"off"`` turns it off.
     """
@@ -99,6 +100,9 @@ class Client:
             raise ConfigError(f"message_size must be >= 1, not {message_size}")
         self.reconnect_s = reconnect_s
         self.outage = Outage(server_name(self.url))
+        #: whether the broker ever answered this client: until it has, a failure is a wrong URL or
+        #: nothing running (said at once), not an outage to ride out
+        self.contacted = False
         self.reply_to = reply_key(uuid.uuid4().hex)
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()  # guards _jobs
@@ -116,6 +120,7 @@ class Client:
                     conn.ensure_connection(max_retries=1, timeout=3)
             except SERVER_ERRORS as e:
                 raise unreachable(self.broker_url, e) from None
+        self.contacted = True
 
     def send(
         self,
@@ -243,8 +248,18 @@ class Client:
         probe = RedisProbe(self.app, self.redis, QUEUE)
         return LostWork(probe, fallback_s=self.settings.resend_after_s)
 
+    def _broker_ok(self) -> None:
+        """The broker answered: from now on a failure is an outage, ridden out."""
+        self.contacted = True
+        self.outage.ok()
+
     def _wait_for_broker(self, error: BrokerUnavailable, pause: float = 1.0) -> None:
-        """Count an outage: say so (a few lines, see Outage), pause, or give up past reconnect_s."""
+        """Count an outage: say so (a few lines, see Outage), pause, or give up past reconnect_s.
+
+        A broker this client never reached is no outage but a wrong URL or nothing running: that
+        is raised at once, for a person at a prompt to see within seconds."""
+        if not self.contacted:
+            raise error
         self.outage.failed(error)
         if self.outage.down_for() > self.reconnect_s:
             raise BrokerUnavailable(f"{error} (gave up after {self.reconnect_s:.0f}s)") from None

@@ -54,6 +54,10 @@ class Sender(Protocol):
         ...
 
 
+#: The work a rate is shown for: less is a few files' latency, not a throughput.
+MIN_TIMED_S = 1.0
+
+
 @dataclass(frozen=True)
 class Progress:
     """Counts for a progress display and the final line."""
@@ -62,13 +66,22 @@ class Progress:
     done: int  # rows written
     failed: int  # of which error rows
     in_flight: int
-    busy_s: float  # time with files in flight: the rate's denominator, idle time left out
+    #: time with files in flight since the workers first answered: the rate's denominator, idle
+    #: time and the workers' start (loading the model) left out
+    busy_s: float
     abandoned: int = 0  # in flight when the watcher stopped; redone on the next start
     review: int = 0  # of the rows written, files sent to review/
+    rated: int = 0  # the rows that busy_s timed: those after the workers' first answer
 
     @property
     def images_per_s(self) -> float:
-        return self.done / self.busy_s if self.busy_s > 0 else 0.0
+        return self.rated / self.busy_s if self.busy_s > 0 else 0.0
+
+    @property
+    def rate(self) -> float | None:
+        """Images per second of work, once MIN_TIMED_S of it was timed; None before: the rate
+        of a few files is their latency (3 files in 0.1 s read as 26 images/s)."""
+        return self.images_per_s if self.busy_s >= MIN_TIMED_S else None
 
 
 @dataclass(frozen=True)
@@ -135,6 +148,8 @@ class Dispatcher:
         self._sent = self._done = self._failed = self._abandoned = self._review = 0
         self._busy_s = 0.0
         self._busy_since: float | None = None
+        self._timing = False  # the workers answered once: busy time is timed from then on
+        self._rated = 0
         self._lookout = Lookout(self.lost)
         self._send_warned_at: float | None = None
 
@@ -272,7 +287,14 @@ class Dispatcher:
             if self._busy_since is not None:
                 busy += self.clock() - self._busy_since
             return Progress(
-                self._sent, self._done, self._failed, len(self._flights), busy, self._abandoned, self._review
+                self._sent,
+                self._done,
+                self._failed,
+                len(self._flights),
+                busy,
+                self._abandoned,
+                self._review,
+                self._rated,
             )
 
     # -- the collector's side -----------------------------------------------------------
@@ -347,6 +369,15 @@ class Dispatcher:
             self._done += done
             self._failed += failed
             self._review += review
+            if self._timing:
+                self._rated += done
+            elif done:
+                # The workers' first answer: the time before it was them starting (loading the
+                # model) or none running yet, not work. The rate is timed from here on, without
+                # this first message, whose work began before the clock could tell.
+                self._timing = True
+                self._busy_s = 0.0
+                self._busy_since = self.clock() if self._flights else None
         if self.on_replaced is not None:
             for path in replaced:
                 self.on_replaced(path)

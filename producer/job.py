@@ -68,6 +68,7 @@ class Job:
         self.review_below = review_below  # the call's, checked (None: the client's setting)
         self._results: list[Result | None] = [None] * len(paths)
         self._new: list[Result] = []  # in arrival order
+        self._handed = 0  # results handed to the caller (see done)
         self._lock = threading.Lock()  # guards _sent_at: any thread that pumps may deliver
         self._sent_at: dict[str, float] = {}  # unanswered task id -> when it was last sent
         self._lost: LostWork | None = None  # made on first use: it may look at the broker
@@ -80,6 +81,13 @@ class Job:
 
     @property
     def done(self) -> int:
+        """Results handed out so far by ``as_completed`` (all of them once ``results`` returns):
+        a progress that moves one by one, though a message's results arrive together."""
+        return self._handed
+
+    @property
+    def received(self) -> int:
+        """Results arrived so far, handed out or not."""
         return len(self._new)
 
     def _send(self, task_id: str) -> None:
@@ -96,7 +104,7 @@ class Job:
                 break
             except BrokerUnavailable as e:
                 client._wait_for_broker(e)
-        client.outage.ok()
+        client._broker_ok()
         with self._lock:
             self._sent_at[task_id] = self._news = time.monotonic()
 
@@ -127,8 +135,9 @@ class Job:
         while True:
             while yielded < len(self._new):
                 yielded += 1
+                self._handed = max(self._handed, yielded)  # counted before the caller sees it
                 yield self._new[yielded - 1]
-            if self.done >= self.total:
+            if self.received >= self.total:
                 return
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
@@ -149,13 +158,13 @@ class Job:
         except BrokerUnavailable as e:
             client._wait_for_broker(e, pause=min(timeout, 0.5))
             return
-        client.outage.ok()
+        client._broker_ok()
         self._resend_lost()  # LostWork looks at most once per its confirm_s
         now = time.monotonic()
         if now - self._news > LATE_S and now >= self._next_worker_check:
             self._next_worker_check = now + WORKER_CHECK_S
             if hint := client.missing_worker():
-                log.warning("%d of %d results are late: %s", self.total - self.done, self.total, hint)
+                log.warning("%d of %d results are late: %s", self.total - self.received, self.total, hint)
 
     def _resend_lost(self) -> None:
         with self._lock:
@@ -178,7 +187,7 @@ class Job:
             self._send(task_id)
 
     def _timed_out(self, timeout: float | None) -> ResultTimeout:
-        missing = f"{self.total - self.done} of {self.total} results missing after {timeout}s"
+        missing = f"{self.total - self.received} of {self.total} results missing after {timeout}s"
         if self.client.outage.down:
             return ResultTimeout(f"{missing}: {self.client.outage.error}")
         if hint := self.client.missing_worker():

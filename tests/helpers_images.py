@@ -27,7 +27,9 @@ from mnistq.images import normalise
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_MODEL = REPO_ROOT / "model_state.pt"
-REAL_DATA = REPO_ROOT.parent / "shared" / "data"
+#: The real MNIST files (MNIST/raw/ below it), for the tests that need them: MNISTQ_TEST_DATA, else
+#: ../shared/data beside the checkout. (Not MNISTQ_DATA_DIR: Compose uses that name for the host's.)
+REAL_DATA = Path(os.environ.get("MNISTQ_TEST_DATA") or REPO_ROOT.parent / "shared" / "data").expanduser()
 
 GLYPH_SIZE = 112
 #: digit -> stroke width (pixels at GLYPH_SIZE) that the shipped model reads confidently

@@ -41,6 +41,14 @@ def test_each_commands_help_needs_no_broker(tmp_path: Path, command: str) -> Non
     assert os.listdir(tmp_path) == []  # help creates nothing
 
 
+@pytest.mark.parametrize("command", ["classify", "predict"])
+def test_classify_and_predicts_help_give_the_exit_code_of_a_failed_file(tmp_path: Path, command: str) -> None:
+    out = mnistq(tmp_path, command, "--help")
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stdout.split())  # argparse wraps the epilog
+    assert f"{int(ExitCode.FAILED_INPUT)} a file got an error" in text and "1 unexpected (a bug)" in text
+
+
 @pytest.mark.parametrize("command", ["run", "watch", "classify", "worker", "status"])
 def test_help_with_a_dead_broker_is_still_help(tmp_path: Path, command: str) -> None:
     out = mnistq(tmp_path, command, "-h", REDIS_URL=DEAD_URL)

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import WorkerProc, write_digits
+from conftest import WorkerProc, fresh_db, write_digits
 
 from mnistq.embedded import EmbeddedRedis
 from mnistq.protocol import ExitCode
@@ -186,3 +186,14 @@ def test_log_lines_go_above_the_progress_bar(capsys: pytest.CaptureFixture[str])
     # On a terminal a line is what lies between \r and \n: the record must start one.
     segments = [s for line in err.split("\n") for s in line.split("\r")]
     assert "LOGGED while the bar is up" in segments, repr(err)
+
+
+def test_a_new_inbox_is_said_on_the_first_line(tmp_path: Path, redis_server: str) -> None:
+    """A misspelt --inbox whose folder exists is created: the first line says so, so it is seen."""
+    env = environ(REDIS_URL=fresh_db(redis_server))
+    out = mnistq("watch", "--drain", "--inbox", "inbxo", cwd=tmp_path, env=env)
+    assert out.returncode == ExitCode.OK, out.stderr
+    assert out.stderr.splitlines()[0] == "created inbox inbxo (it did not exist)", out.stderr
+    assert (tmp_path / "inbxo").is_dir()
+    again = mnistq("watch", "--drain", "--inbox", "inbxo", cwd=tmp_path, env=env)  # there now: not said
+    assert again.returncode == ExitCode.OK and "created inbox" not in again.stderr, again.stderr

@@ -6,11 +6,13 @@ import csv
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from mnistq.protocol import ErrorKind, Reply, Result
+from producer.cli import final_line
 from producer.csvsink import CsvSink
 from producer.dispatch import Dispatcher, Progress
 from producer.evidence import LostWork
@@ -290,19 +292,40 @@ def test_a_file_written_to_while_in_flight_gets_no_row_until_read_whole(tmp_path
 
 
 def test_the_rate_counts_only_time_with_files_in_flight(tmp_path: Path) -> None:
-    s = Setup(tmp_path, 4)
+    s = Setup(tmp_path, 5)
     s.clock.t = 10.0
-    s.dispatch.send(s.paths[:2])
-    s.clock.t = 12.0
+    s.dispatch.send(s.paths[:1])
+    s.clock.t = 18.0  # the workers' first answer, after loading their model: not timed
     s.dispatch.on_reply(answer(s.broker.sent[0]))
+    assert s.dispatch.progress().busy_s == 0 and s.dispatch.progress().rate is None
     s.clock.t = 500.0  # idle: an empty inbox for minutes
-    s.dispatch.send(s.paths[2:])
+    s.dispatch.send(s.paths[1:3])
     s.clock.t = 501.0
     s.dispatch.on_reply(answer(s.broker.sent[1]))
+    s.clock.t = 800.0
+    s.dispatch.send(s.paths[3:])
+    s.clock.t = 800.5
+    s.dispatch.on_reply(answer(s.broker.sent[2]))
     s.clock.t = 900.0
     p = s.dispatch.progress()
-    assert p.busy_s == pytest.approx(3.0)
-    assert p.images_per_s == pytest.approx(4 / 3.0)
+    assert p.done == 5 and p.rated == 4
+    assert p.busy_s == pytest.approx(1.5)
+    assert p.images_per_s == p.rate == pytest.approx(4 / 1.5)
+
+
+def test_no_rate_is_claimed_from_a_few_files_latency(tmp_path: Path) -> None:
+    """3 files answered in 0.1 s after the first answer are no throughput of 30 images/s."""
+    s = Setup(tmp_path, 4)
+    s.dispatch.send(s.paths[:1])
+    s.dispatch.on_reply(answer(s.broker.sent[0]))
+    s.clock.t = 100.0
+    s.dispatch.send(s.paths[1:])
+    s.clock.t = 100.1
+    s.dispatch.on_reply(answer(s.broker.sent[1]))
+    p = s.dispatch.progress()
+    assert p.rated == 3 and p.rate is None
+    assert final_line(p) == "done 4 (0 failed)"
+    assert final_line(replace(p, busy_s=2.0)) == "done 4 (0 failed), 2 images/s"
 
 
 def test_abandon_counts_what_was_left_in_flight(tmp_path: Path) -> None:

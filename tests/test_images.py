@@ -267,6 +267,9 @@ def test_cli_predicts_every_variant_in_one_run(tmp_path):
         for m in re.finditer(r"^(.+): Predicted Digit: (\d)\b", r.stdout, re.M)
     }
     assert got == expected
+    # each line names the model, as the one-image line (and the README's sample) does
+    version = load_checkpoint(SHIPPED_MODEL).version
+    assert all(f", model {version})" in line for line in r.stdout.splitlines()), r.stdout
 
 
 @CLI_TIMEOUT
@@ -276,7 +279,7 @@ def test_cli_bad_input_is_one_clear_error_line(tmp_path, kind):
     t0 = time.perf_counter()
     r = run_mnistq("predict", path, cwd=tmp_path)
     elapsed = time.perf_counter() - t0
-    assert r.returncode == ExitCode.CONFIG, (r.stdout, r.stderr)
+    assert r.returncode == ExitCode.FAILED_INPUT, (r.stdout, r.stderr)
     assert "Traceback" not in r.stdout + r.stderr
     assert "Predicted Digit" not in r.stdout
     lines = [line for line in r.stderr.splitlines() if line.strip()]
@@ -289,13 +292,13 @@ def test_cli_bad_input_is_one_clear_error_line(tmp_path, kind):
 def test_cli_max_pixels_and_mixed_good_and_bad(tmp_path):
     good = write_variant(tmp_path, DIGITS[0], "plain")
     r = run_mnistq("predict", "--max-pixels", "100", good, cwd=tmp_path)
-    assert r.returncode == ExitCode.CONFIG
+    assert r.returncode == ExitCode.FAILED_INPUT
     assert f"{good}: error: image too large: 28x28 pixels is over the limit of 100" in r.stderr
     assert "Traceback" not in r.stdout + r.stderr
 
     bad = make_bad("text", tmp_path)
     r = run_mnistq("predict", good, bad, cwd=tmp_path)
-    assert r.returncode == ExitCode.CONFIG  # any failure fails the run; the good image is still read
+    assert r.returncode == ExitCode.FAILED_INPUT  # a failed file is said; the good one is still read
     assert f"{good}: Predicted Digit: {DIGITS[0]}" in r.stdout
     assert f"{bad}: error: not an image" in r.stderr
     assert "Traceback" not in r.stdout + r.stderr

@@ -214,6 +214,37 @@ def test_client_enqueue_progress_and_classify_cli(
     assert redis.Redis.from_url(worker.url).keys("celery-task-meta-*") == []
 
 
+def test_a_jobs_progress_moves_with_each_result_handed_out(shared_worker: WorkerProc) -> None:
+    """The README's f"{job.done}/{job.total}": 1/20 ... 20/20, though one message brings all 20."""
+    root: Path = shared_worker.root  # type: ignore[attr-defined]
+    files = write_digits(root / "progress", 20)
+    with Client(shared_worker.url) as client:
+        job = client.enqueue(list(files))
+        assert len(job.tasks) == 1 and job.done == 0
+        seen = [f"{job.done}/{job.total}" for _ in job.as_completed(timeout=60)]
+        assert seen == [f"{i}/20" for i in range(1, 21)]
+        assert job.done == job.received == 20
+
+
+def test_classify_says_a_refused_file_on_its_line_and_exits_5_as_predict_does(
+    shared_worker: WorkerProc, tmp_path: Path
+) -> None:
+    """A file outside the allowed roots is an ordinary outcome (exit 5), not a bug (1)."""
+    root: Path = shared_worker.root  # type: ignore[attr-defined]
+    good = write_digits(root / "classify-exit", 2)
+    outside = next(iter(write_digits(tmp_path / "elsewhere", 1)))
+    paths = [*map(str, good), str(outside)]
+    out = subprocess.run(
+        [*MNISTQ, "classify", *paths], env=shared_worker.env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == ExitCode.FAILED_INPUT == 5, out.stderr
+    assert out.stderr.splitlines() == [f"{outside}: error: {out.stderr.split(': error: ', 1)[1].strip()}"]
+    assert "outside the allowed" in out.stderr and "Traceback" not in out.stderr
+    lines = out.stdout.splitlines()  # the others are classified, each naming its model
+    assert [line.split(": Predicted Digit: ")[0] for line in lines] == paths[:2]
+    assert all(", model " in line for line in lines), lines
+
+
 def test_watch_drain_does_the_inbox_and_exits(watch: Callable[..., Watch]) -> None:
     w = watch("--drain")
     files = write_digits(w.inbox, 5)

@@ -16,10 +16,12 @@ from pathlib import Path
 import pytest
 import redis
 from conftest import write_digits
+from helpers_images import SHIPPED_MODEL
 from helpers_run import MNISTQ, Run, children, gone, read_rows, run_env, wait_rows
 
 from mnistq.protocol import ExitCode
 from mnistq.settings import RUN_STATE_NAME, Settings
+from trainer.model import load_checkpoint
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -61,6 +63,23 @@ def test_run_stops_everything_on_sigterm(start_run: Callable[..., Run]) -> None:
     assert run.wait(60) == 0, run.output()
     assert "Traceback" not in run.output()
     assert gone(run.marker, 5) == []
+
+
+def test_run_says_when_its_workers_are_ready_to_classify(start_run: Callable[..., Run]) -> None:
+    """ "watching" comes while the workers still load their model: a line says when they can work."""
+    run = start_run("--workers", "1")
+    deadline = time.monotonic() + 120
+    while "ready: worker mnistq0 serves model " not in run.output():
+        assert run.proc.poll() is None and time.monotonic() < deadline, run.output()
+        time.sleep(0.1)
+    version = load_checkpoint(SHIPPED_MODEL).version
+    assert f"serves model {version}; files in {run.inbox} are classified now" in run.output()
+    staged = write_digits(run.folder / "staged", 1)
+    os.rename(next(iter(staged)), run.inbox / "a.png")  # a worker is up: its row comes at once
+    assert [r["error"] for r in wait_rows(run.csv, 1, timeout=30)] == [""]
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.wait(60) == 0, run.output()
+    assert run.output().count("ready: ") == 1, run.output()
 
 
 def test_sigint_to_the_process_group_mid_burst_then_a_second_start_finishes_the_rest(

@@ -14,7 +14,7 @@ import torch
 
 from mnistq.errors import ImageError
 from mnistq.images import load_image
-from mnistq.protocol import ExitCode
+from mnistq.protocol import EXIT_CODES_HELP, ExitCode
 from mnistq.settings import Settings
 from trainer.model import Checkpoint, load_checkpoint, pick_device, pick_precision, predict_logits, prepare
 
@@ -39,7 +39,9 @@ def verdict(ckpt: Checkpoint, not_digit: bool, confidence: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     settings = Settings.from_env()
-    p = argparse.ArgumentParser(prog="mnistq predict", description="Classify digit images.")
+    p = argparse.ArgumentParser(
+        prog="mnistq predict", description="Classify digit images.", epilog=EXIT_CODES_HELP
+    )
     p.add_argument("images", nargs="+", type=Path, help="image files (any size, mode or polarity)")
     p.add_argument("--model", type=Path, default=settings.model, help="checkpoint (default: %(default)s)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: %(default)s")
@@ -78,9 +80,9 @@ def main(argv: list[str] | None = None) -> int:
             if len(args.images) == 1:
                 print(f"Predicted Digit: {d}  (confidence {c:.3f}, model {ckpt.version}{raw}){note}")
             else:
-                print(f"{path}: Predicted Digit: {d}  (confidence {c:.3f}{raw}){note}")
-    # a file that cannot be read needs a person, as a bad setting does (1 is kept for bugs)
-    return int(ExitCode.CONFIG) if failed else 0
+                print(f"{path}: Predicted Digit: {d}  (confidence {c:.3f}, model {ckpt.version}{raw}){note}")
+    # a file that cannot be read is an ordinary outcome, as in `classify` (1 is kept for bugs)
+    return int(ExitCode.FAILED_INPUT) if failed else 0
 
 
 if __name__ == "__main__":
