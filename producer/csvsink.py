@@ -149,7 +149,8 @@ class CsvSink:
         # The watcher's two threads may both append (replies, and retries after a full disk).
         self._lock = threading.Lock()
         self._repair_and_load()
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        # O_NOFOLLOW: rows never go through a link put in the file's place (producer/lock.py)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         self._end = os.fstat(self._fd).st_size  # the end of the last whole row
         self._torn = False  # a failed write whose rollback failed too: truncate before the next
         if self._end == 0:

@@ -5,7 +5,7 @@ For each message (``submit``), in this order:
 1. **place**: each file is put at its final place under its final name, the name decided now
    (collisions included): a hard link into done/, review/ (a result the worker sent to review,
    see ``Result.review``) or failed/ (an error result), or a copy across filesystems
-   (producer/inbox.py ``place``). The inbox entry stays.
+   (producer/place.py ``place``). The inbox entry stays.
 2. **row**: the message's rows, each naming that final place (``moved_to``), are appended in
    one checked write and one fsync (producer/csvsink.py). If that fails, the new links are
    removed and the message waits (see below): nothing is moved without its row.
@@ -40,16 +40,8 @@ from pathlib import Path
 
 from mnistq.protocol import Result
 from producer.csvsink import CsvSink, escape, unescaped
-from producer.inbox import (
-    DISK_ERRNOS,
-    file_id,
-    identity,
-    place,
-    remove,
-    target,
-    unlink_strays,
-    unplace,
-)
+from producer.inbox import DISK_ERRNOS, file_id, identity, lstat, remove, target
+from producer.place import lstat_placed, place, unlink_strays, unplace
 
 log = logging.getLogger("mnistq.producer")
 
@@ -194,7 +186,7 @@ class Finisher:
                     if e.errno in DISK_ERRNOS:
                         self._undo(placed)
                         raise _Blocked(f"cannot put files in {where}: {e.strerror or e}") from None
-                    self._warn_once(a.path, st, f"could not move {a.path} to {where}: {e}; it stays")
+                    self._warn_once(a.path, st, f"could not move {a.path} to {where}: {_said(e)}; it stays")
                 else:
                     placed.append((a, st, dest, created))
             rows.append(a.result.but(path=a.path, id=a.fid, moved_to=dest or None))
@@ -232,7 +224,7 @@ class Finisher:
         it was sent (another size or mtime); (None, False, False) when it is gone or is a folder (a
         folder named x.png keeps its place)."""
         try:
-            st = os.lstat(a.path)
+            st = lstat(a.path)
         except OSError:
             return None, False, False
         if stat.S_ISDIR(st.st_mode):
@@ -308,7 +300,7 @@ class Finisher:
         )
         for p in places:
             try:
-                if os.path.samestat(os.lstat(p), st):
+                if os.path.samestat(lstat_placed(p), st):
                     return moved
             except OSError:
                 continue
@@ -321,10 +313,26 @@ class Finisher:
             if not moved:  # a row of a CSV from before moved_to, written before its file was moved
                 return place(path, st, target(path, self.inbox, self.done_dir), fid)[0]
             names = unescaped(moved)
-            dest = next((p for p in names if os.path.lexists(p)), names[-1])
+            dest = next((p for p in names if _there(p)), names[-1])
             # place() reuses it when it is this file; if someone put another file there, this
             # one gets a name of its own rather than being removed with no copy left
             return place(path, st, Path(dest), fid)[0]
         except OSError as e:
-            self._warn_once(path, st, f"could not move {path} out of the inbox: {e}; it stays")
+            self._warn_once(path, st, f"could not move {path} out of the inbox: {_said(e)}; it stays")
             return None
+
+
+def _there(path: str) -> bool:
+    """Is there a file at ``path`` in an output folder (no link followed on the way)?"""
+    try:
+        lstat_placed(path)
+    except OSError:
+        return False
+    return True
+
+
+def _said(e: OSError) -> str:
+    """What went wrong, in the system's words: a link found on the way names itself."""
+    if e.strerror and e.filename is None:
+        return e.strerror
+    return str(e)

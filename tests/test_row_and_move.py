@@ -8,6 +8,7 @@ import csv
 import errno
 import logging
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -418,3 +419,39 @@ def test_a_stray_link_left_past_the_row_goes_with_the_inbox_entry(
     assert scan(s) == []
     assert [r["moved_to"] for r in read_rows(s.csv)] == [str(s.done / "f0.png")]
     assert list(review.iterdir()) == [] and list(s.inbox.iterdir()) == []
+
+
+def test_links_planted_in_the_output_folders_are_not_followed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """done/sub, failed/ and then done/ itself as symbolic links to a folder outside, planted
+    mid-run (after the start's checks): nothing goes through them. Each file gets its row,
+    which says it stays (moved_to empty), and one warning naming the link."""
+    s = Setup(tmp_path)
+    (s.inbox / "sub").mkdir()
+    y, z = s.make("sub/y.png"), s.make("z.png")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    s.done.mkdir()
+    (s.done / "sub").symlink_to(outside)
+    s.failed.symlink_to(outside)
+    s.dispatch.send([y, z])
+    task_id, paths, ids = s.broker.sent[0]
+    results = answer(s.broker.sent[0]).results
+    results[paths.index(z)] = Result.failed(z, ErrorKind.UNREADABLE, "not an image", ids[paths.index(z)])
+    with caplog.at_level(logging.WARNING, logger="mnistq.producer"):
+        s.dispatch.on_reply(Reply(task_id, results))
+        shutil.rmtree(s.done)
+        s.done.symlink_to(outside)
+        w = s.make("w.png")
+        s.dispatch.send([w])
+        s.dispatch.on_reply(answer(s.broker.sent[-1]))
+    assert {r["path"]: r["moved_to"] for r in s.rows()} == {y: "", z: "", w: ""}
+    assert list(outside.iterdir()) == []
+    assert all(Path(p).exists() for p in (y, z, w))
+    link = "is a symbolic link (links are not followed); it stays"
+    assert caplog.messages == [
+        f"could not move {y} to {s.done}: {s.done / 'sub'} {link}",
+        f"could not move {z} to {s.failed}: {s.failed} {link}",
+        f"could not move {w} to {s.done}: {s.done} {link}",
+    ]
