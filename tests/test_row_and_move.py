@@ -455,3 +455,20 @@ def test_links_planted_in_the_output_folders_are_not_followed(
         f"could not move {z} to {s.failed}: {s.failed} {link}",
         f"could not move {w} to {s.done}: {s.done} {link}",
     ]
+
+
+def test_a_second_255_byte_name_is_cut_to_fit_with_its_id_and_extension(tmp_path: Path) -> None:
+    s = Setup(tmp_path)
+    name = "a" + "é" * 125 + ".png"  # 255 bytes, two per é: the longest name a folder holds
+    assert len(name.encode()) == 255
+    s.done.mkdir()
+    (s.done / name).write_bytes(b"an earlier file of that name")
+    path = s.make(name)
+    s.dispatch.send([path])
+    _, _, ids = s.broker.sent[0]
+    s.dispatch.on_reply(answer(s.broker.sent[0]))
+    [row] = s.rows()
+    moved = Path(row["moved_to"])
+    # cut before a whole character (never inside its two bytes), the id and extension kept
+    assert moved == s.done / ("a" + "é" * 120 + f".{ids[0][:8]}.png")
+    assert moved.read_bytes() == b"image" and list(s.inbox.iterdir()) == []
