@@ -39,7 +39,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from mnistq.protocol import Result
-from producer.csvsink import CsvSink, escape, unescaped
+from producer.csvsink import CsvSink, escapings, unescaped
 from producer.inbox import DISK_ERRNOS, file_id, identity, lstat, remove, target
 from producer.place import lstat_placed, place, unlink_strays, unplace
 
@@ -289,7 +289,8 @@ class Finisher:
         row, and the run stopped before removing the inbox entry)."""
         if st.st_nlink < 2 or stat.S_ISDIR(st.st_mode):
             return None
-        moved = self.sink.places.get(escape(path))
+        # an older version wrote a literal backslash before xNN as it was: its row is found too
+        moved = next((m for c in escapings(path) if (m := self.sink.places.get(c)) is not None), None)
         if moved is None:
             return None
         # A row from before moved_to existed names no place: look where it would have gone.
@@ -313,7 +314,7 @@ class Finisher:
             if not moved:  # a row of a CSV from before moved_to, written before its file was moved
                 return place(path, st, target(path, self.inbox, self.done_dir), fid)[0]
             names = unescaped(moved)
-            dest = next((p for p in names if _there(p)), names[-1])
+            dest = next((p for p in names if _there(p)), names[0])
             # place() reuses it when it is this file; if someone put another file there, this
             # one gets a name of its own rather than being removed with no copy left
             return place(path, st, Path(dest), fid)[0]

@@ -17,7 +17,7 @@ import pytest
 from test_dispatch import Setup, answer
 
 import producer.finish
-from mnistq.protocol import ErrorKind, Reply, Result
+from mnistq.protocol import CSV_COLUMNS, ErrorKind, Reply, Result
 from producer.csvsink import CsvSink
 from producer.dispatch import Dispatcher
 
@@ -472,3 +472,24 @@ def test_a_second_255_byte_name_is_cut_to_fit_with_its_id_and_extension(tmp_path
     # cut before a whole character (never inside its two bytes), the id and extension kept
     assert moved == s.done / ("a" + "é" * 120 + f".{ids[0][:8]}.png")
     assert moved.read_bytes() == b"image" and list(s.inbox.iterdir()) == []
+
+
+def test_an_older_versions_row_of_a_literal_backslash_x_name_is_still_found(tmp_path: Path) -> None:
+    """Killed between row and removal by a version that wrote the name bad\\xff.png (four ASCII
+    characters) as it is: today that cell is written with the backslash doubled, and the ledger
+    still finds the old one. Its inbox entry goes, no second row."""
+    s = Setup(tmp_path)
+    path = s.make("bad\\xff.png")
+    s.done.mkdir()
+    os.link(path, s.done / "bad\\xff.png")
+    with open(s.csv, "a", newline="", encoding="utf-8") as f:
+        csv.writer(f, lineterminator="\r\n").writerow(
+            {"path": path, "digit": "3", "id": "0123456789abcdef", "moved_to": s.done / "bad\\xff.png"}.get(
+                c, ""
+            )
+            for c in CSV_COLUMNS
+        )
+    restart(s)
+    assert scan(s) == [] and list(s.inbox.iterdir()) == []
+    assert [r["path"] for r in read_rows(s.csv)] == [path]
+    assert (s.done / "bad\\xff.png").read_bytes() == b"image"
