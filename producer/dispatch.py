@@ -35,7 +35,7 @@ from producer.client import miscounted
 from producer.csvsink import CsvSink
 from producer.evidence import Lookout, LostWork, NoProbe
 from producer.finish import RETRY_S, Answer, Finisher, Landed
-from producer.inbox import file_id, identity
+from producer.inbox import file_id, identity, lstat
 
 log = logging.getLogger("mnistq.producer")
 
@@ -191,7 +191,7 @@ class Dispatcher:
             if path in busy:
                 continue  # in flight: a late event for it means nothing new
             try:
-                st = os.stat(path, follow_symlinks=False)
+                st = lstat(path)
             except OSError:
                 continue  # gone before we got to it
             fid = file_id(path, st)

@@ -54,21 +54,22 @@ def scan(
     stack = [str(inbox)]
     while stack:
         top = stack.pop()
+        under = top.rstrip("/") + "/"
         try:
-            with os.scandir(top) as entries:
+            with _listing(top) as entries:
                 for entry in entries:
                     name = entry.name
                     try:
                         folder = entry.is_dir(follow_symlinks=False)
                     except OSError:
                         folder = False
-                    if folder and not name.startswith(".") and entry.path not in skipped:
-                        stack.append(entry.path)  # read after this one
+                    if folder and not name.startswith(".") and under + name not in skipped:
+                        stack.append(under + name)  # read after this one
                     # A folder named like an image is reported (as an error row), and still
                     # descended into.
                     if not wanted(name):
                         continue
-                    path = entry.path
+                    path = under + name
                     if known is not None and known(path):
                         continue
                     try:
@@ -78,6 +79,32 @@ def scan(
                     yield path, st
         except OSError:  # a folder gone or unreadable meanwhile: the others are still read
             continue
+
+
+@contextlib.contextmanager
+def _listing(top: str) -> Iterator[Iterator[os.DirEntry[str]]]:
+    """``os.scandir(top)``; for a folder deeper than a path can name (ENAMETOOLONG: over
+    PATH_MAX, 4,096 bytes), the listing of its descriptor, opened one component at a time: its
+    files get their rows too (``at`` reaches them for the rest)."""
+    try:
+        entries = os.scandir(top)
+    except OSError as e:
+        if e.errno != errno.ENAMETOOLONG:
+            raise
+    else:
+        with entries:
+            yield entries
+        return
+    where = open_folder(top)
+    try:
+        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=where)
+    finally:
+        os.close(where)
+    try:  # the descriptor stays open while the entries are read: they stat through it
+        with os.scandir(fd) as entries:
+            yield entries
+    finally:
+        os.close(fd)
 
 
 #: Errors that say the disk, not the file, is the trouble: the work waits until they pass.

@@ -18,6 +18,8 @@ from test_dispatch import Setup, answer
 
 import producer.finish
 from mnistq.protocol import CSV_COLUMNS, ErrorKind, Reply, Result
+from mnistq.safeopen import open_folder
+from producer import inbox
 from producer.csvsink import CsvSink
 from producer.dispatch import Dispatcher
 
@@ -493,3 +495,44 @@ def test_an_older_versions_row_of_a_literal_backslash_x_name_is_still_found(tmp_
     assert scan(s) == [] and list(s.inbox.iterdir()) == []
     assert [r["path"] for r in read_rows(s.csv)] == [path]
     assert (s.done / "bad\\xff.png").read_bytes() == b"image"
+
+
+def deep_file(top: Path, length: int, data: bytes, name: str = "x.png") -> str:
+    """A file whose path is ``length`` bytes long, more than a path can name (PATH_MAX is
+    4,096): made one folder at a time, through descriptors."""
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    path = str(top)
+    try:
+        while (left := length - len(os.fsencode(path)) - len(name) - 1) > 0:
+            folder = "d" * min(200, max(1, left - 1))
+            os.mkdir(folder, dir_fd=fd)
+            child = os.open(folder, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd, path = child, f"{path}/{folder}"
+        out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=fd)
+        os.write(out, data)
+        os.close(out)
+    finally:
+        os.close(fd)
+    path = f"{path}/{name}"
+    assert len(os.fsencode(path)) == length
+    return path
+
+
+def test_a_path_longer_than_path_max_is_found_answered_and_moved(tmp_path: Path) -> None:
+    s = Setup(tmp_path)
+    deep = deep_file(s.inbox, 5052, b"image")
+    found = [p for p, _ in inbox.scan(s.inbox, ())]
+    assert found == [deep]
+    s.dispatch.send(found)
+    assert s.broker.sent[0][1] == [deep]
+    s.dispatch.on_reply(answer(s.broker.sent[0]))
+    [row] = s.rows()
+    assert row["path"] == deep and row["digit"] == "3"
+    assert row["moved_to"] == str(s.done) + deep[len(str(s.inbox)) :]
+    assert list(inbox.scan(s.inbox, ())) == []  # gone from the inbox
+    fd = open_folder(os.path.dirname(row["moved_to"]))
+    try:
+        assert os.lstat("x.png", dir_fd=fd).st_size == 5
+    finally:
+        os.close(fd)
