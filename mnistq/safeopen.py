@@ -8,6 +8,7 @@ swapped in after a caller's check is read: no component can be a link when it is
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import io
@@ -22,7 +23,7 @@ from typing import BinaryIO
 from mnistq.errors import ImageError
 from mnistq.protocol import ErrorKind
 
-__all__ = ["IN_MEMORY", "open_checked", "open_regular"]
+__all__ = ["IN_MEMORY", "open_checked", "open_folder", "open_regular"]
 
 #: Files up to this size are read whole into memory before decoding (one read call).
 IN_MEMORY = 1 << 20
@@ -132,6 +133,56 @@ def _openat2_folder() -> Callable[[bytes], int] | None:
 
 
 _open_folder = _openat2_folder()
+
+
+#: a folder as a place to make, link, look up and remove names in (see open_folder)
+_PLACE_FLAGS = (
+    (os.O_PATH if hasattr(os, "O_PATH") else os.O_RDONLY) | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+)
+
+
+def open_folder(path: str | os.PathLike[str], make: bool = False) -> int:
+    """A descriptor of the folder ``path`` (an O_PATH one where the system has it), opened with
+    no symbolic link followed on the way: the writing side's care (producer/place.py ``place``
+    puts files in done/ through it), as ``open_checked`` is the reading side's. ``make``:
+    missing folders are created on the way. The caller closes it.
+
+    Raises OSError: ELOOP naming the first link on the path (links are not followed), or what
+    the system said. A path longer than the system's limit (PATH_MAX) is opened too: the walk
+    takes one component at a time.
+    """
+    full = os.path.abspath(path)
+    if _open_folder is not None and "\0" not in full:
+        try:
+            return _open_folder(os.fsencode(full))
+        except OSError:
+            pass  # a missing folder to make, a link to name, a long path: the walk says which
+    parts = [p for p in full.split(os.sep) if p]
+    fd = os.open(os.sep, _PLACE_FLAGS)
+    try:
+        for i, name in enumerate(parts):
+            try:
+                child = os.open(name, _PLACE_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                if not make:
+                    raise
+                with contextlib.suppress(FileExistsError):  # made meanwhile: as good
+                    os.mkdir(name, dir_fd=fd)
+                child = os.open(name, _PLACE_FLAGS, dir_fd=fd)
+            except OSError as e:
+                # O_DIRECTORY | O_NOFOLLOW says ENOTDIR for a link: look at what is there.
+                if e.errno in (errno.ENOTDIR, errno.ELOOP) and _is_link(name, fd):
+                    link = os.sep + os.sep.join(parts[: i + 1])
+                    raise OSError(
+                        errno.ELOOP, f"{link} is a symbolic link (links are not followed)"
+                    ) from None
+                raise
+            os.close(fd)
+            fd = child
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _is_link(name: str, dir_fd: int) -> bool:

@@ -13,8 +13,10 @@ restarted producer writes no row twice.
 
 **Any name gets its row.** Cells are UTF-8. A file name that is not UTF-8 (Python holds its
 bytes as lone surrogates, ``os.fsdecode(b'bad\\xff.png') == 'bad\\udcff.png'``) is written with
-each such byte as the four characters ``\\xNN`` (Python's ``backslashreplace``: ``bad\\xff.png``);
-see :func:`escape`. A cell starting with ``= + - @`` gets a leading ``'`` (spreadsheets would
+each such byte as the four characters ``\\xNN`` (Python's ``backslashreplace``: ``bad\\xff.png``),
+and a backslash of the name that would read as one is doubled (the name ``bad\\xff.png``, four
+ASCII characters, is written ``bad\\\\xff.png``): see :func:`escape`, and :func:`unescaped` for
+reading cells back, an older version's included. A cell starting with ``= + - @`` gets a leading ``'`` (spreadsheets would
 run it as a formula). A row that cannot be formatted at all becomes that file's error row; the
 rest of its message is unaffected.
 
@@ -60,16 +62,29 @@ _HEADERS = tuple(
     ",".join(cols).encode() + b"\r\n"
     for cols in (CSV_COLUMNS, _BEFORE_REVIEW, _PREVIOUS_COLUMNS, _LEGACY_COLUMNS)
 )
-_ESCAPED_BYTE = re.compile(rb"\\x([0-9a-f]{2})")
+_ESCAPED_BYTE = re.compile(rb"\\x([0-9a-f]{2})")  # how cells were read before backslashes doubled
+#: a literal run of backslashes that would read as (part of) an escaped byte: before ``x`` and two
+#: hex digits, or before a byte that is not UTF-8 (it becomes ``\xNN``)
+_BEFORE_BYTE = re.compile(r"(\\+)(?=x[0-9a-f]{2}|[\udc80-\udcff])")
+_RUN_BEFORE_X = re.compile(rb"(\\+)x([0-9a-f]{2})")
 
 
 def escape(text: str) -> str:
-    """``text`` as UTF-8 can hold it: a name's non-UTF-8 bytes become ``\\xNN``.
+    """``text`` as UTF-8 can hold it, reversibly: a name's non-UTF-8 bytes become ``\\xNN``, and
+    a backslash of the name that would read as one (before ``x`` and two hex digits, or before
+    such a byte) is doubled: ``bad\\xff.png`` is the byte, ``bad\\\\xff.png`` the four characters.
 
     Other lone surrogates (no filesystem name makes them; a worker's JSON could) become
-    ``\\udNNN``. A name that already holds a literal ``\\x`` followed by two hex digits reads the
-    same as an escaped byte: :func:`unescaped` gives both readings.
+    ``\\udNNN``.
     """
+    if "\\" in text:
+        text = _BEFORE_BYTE.sub(lambda m: m[1] * 2, text)
+    return _bytes_escaped(text)
+
+
+def _bytes_escaped(text: str) -> str:
+    """``text`` with non-UTF-8 bytes as ``\\xNN``, backslashes as they are (so cells were
+    written before the doubling; :func:`escapings` gives this too)."""
     if text.isascii():  # nearly every name: no encoding needed to know
         return text
     try:
@@ -83,12 +98,30 @@ def escape(text: str) -> str:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def escapings(text: str) -> list[str]:
+    """The cells ``text`` may have been written as: :func:`escape`'s, then, where it differs
+    (a literal ``\\xNN`` in the name), an older version's, which did not double backslashes."""
+    today, before = escape(text), _bytes_escaped(text)
+    return [today] if today == before else [today, before]
+
+
 def unescaped(cell: str) -> list[str]:
-    """The paths a cell written by :func:`escape` may stand for: itself, and with ``\\xNN``
-    read back as bytes when it holds any."""
+    """The paths a cell may stand for, the one :func:`escape` means first: in a run of
+    backslashes before ``x`` and two hex digits, each pair is one backslash and an odd one
+    left makes the byte. Then the readings of an older version's cell, whose backslashes were
+    never doubled (a literal ``\\xNN``, or the byte): the cell itself, and every ``\\xNN`` as
+    its byte."""
     raw = cell.encode("utf-8", "surrogateescape")
-    back = _ESCAPED_BYTE.sub(lambda m: bytes([int(m[1], 16)]), raw)
-    return [cell] if back == raw else [cell, os.fsdecode(back)]
+    if b"\\x" not in raw:
+        return [cell]
+
+    def run(m: re.Match[bytes]) -> bytes:
+        pairs, byte = divmod(len(m[1]), 2)
+        return b"\\" * pairs + (bytes([int(m[2], 16)]) if byte else b"x" + m[2])
+
+    readings = [os.fsdecode(_RUN_BEFORE_X.sub(run, raw)), cell]
+    readings.append(os.fsdecode(_ESCAPED_BYTE.sub(lambda m: bytes([int(m[1], 16)]), raw)))
+    return list(dict.fromkeys(readings))
 
 
 def neutralise(value: Any) -> Any:
@@ -101,7 +134,7 @@ def neutralise(value: Any) -> Any:
 def _cell(value: object) -> str:
     """``neutralise(escape(str(value)))``, in one call per cell."""
     text = value if type(value) is str else str(value)
-    if not text.isascii():
+    if not text.isascii() or "\\" in text:
         text = escape(text)
     return "'" + text if text.startswith(_FORMULA_START) else text
 
@@ -133,7 +166,8 @@ class CsvSink:
         # The watcher's two threads may both append (replies, and retries after a full disk).
         self._lock = threading.Lock()
         self._repair_and_load()
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        # O_NOFOLLOW: rows never go through a link put in the file's place (producer/lock.py)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         self._end = os.fstat(self._fd).st_size  # the end of the last whole row
         self._torn = False  # a failed write whose rollback failed too: truncate before the next
         if self._end == 0:

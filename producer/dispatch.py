@@ -36,7 +36,7 @@ from producer.client import miscounted
 from producer.csvsink import CsvSink
 from producer.evidence import Lookout, LostWork, NoProbe
 from producer.finish import RETRY_S, Answer, Finisher, Landed
-from producer.inbox import file_id, identity
+from producer.inbox import file_id, identity, lstat
 
 log = logging.getLogger("mnistq.producer")
 
@@ -215,7 +215,7 @@ class Dispatcher:
             if path in busy:
                 continue  # in flight: a late event for it means nothing new
             try:
-                st = os.stat(path, follow_symlinks=False)
+                st = lstat(path)
             except PermissionError:  # not gone: hidden by a folder's permission, taken later
                 self.finisher.denied.note(blocking_folder(path))
                 continue

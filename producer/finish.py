@@ -5,7 +5,7 @@ For each message (``submit``), in this order:
 1. **place**: each file is put at its final place under its final name, the name decided now
    (collisions included): a hard link into done/, review/ (a result the worker sent to review,
    see ``Result.review``) or failed/ (an error result), or a copy across filesystems
-   (producer/inbox.py ``place``). The inbox entry stays.
+   (producer/place.py ``place``). The inbox entry stays.
 2. **row**: the message's rows, each naming that final place (``moved_to``), are appended in
    one checked write and one fsync (producer/csvsink.py). If that fails, the new links are
    removed and the message waits (see below): nothing is moved without its row.
@@ -42,17 +42,9 @@ from pathlib import Path
 
 from mnistq.protocol import ErrorKind, Result
 from producer.access import Denied, blocking_folder, folder_id, unreadable
-from producer.csvsink import CsvSink, escape, unescaped
-from producer.inbox import (
-    DISK_ERRNOS,
-    file_id,
-    identity,
-    place,
-    remove,
-    target,
-    unlink_strays,
-    unplace,
-)
+from producer.csvsink import CsvSink, escapings, unescaped
+from producer.inbox import DISK_ERRNOS, file_id, identity, lstat, remove, target
+from producer.place import lstat_placed, place, unlink_strays, unplace
 
 log = logging.getLogger("mnistq.producer")
 
@@ -221,7 +213,7 @@ class Finisher:
                     if e.errno in (errno.EACCES, errno.EPERM) and self._hidden(a.path):
                         landed.append(Landed(a, written=False))  # its permission went meanwhile
                         continue
-                    self._warn_once(a.path, st, f"could not move {a.path} to {where}: {e}; it stays")
+                    self._warn_once(a.path, st, f"could not move {a.path} to {where}: {_said(e)}; it stays")
                 else:
                     placed.append((a, st, dest, created))
             rows.append(a.result.but(path=a.path, id=a.fid, moved_to=dest or None))
@@ -259,7 +251,7 @@ class Finisher:
         """Where the answered file is now (see _Now), with its lstat when it is HERE (or
         anything at all is at its path, for LEFT). A permission is never taken for absence."""
         try:
-            st = os.lstat(a.path)
+            st = lstat(a.path)
         except PermissionError:
             self.denied.note(blocking_folder(a.path))
             return None, _Now.DENIED
@@ -354,7 +346,8 @@ class Finisher:
         row, and the run stopped before removing the inbox entry)."""
         if st.st_nlink < 2 or stat.S_ISDIR(st.st_mode):
             return None
-        moved = self.sink.places.get(escape(path))
+        # an older version wrote a literal backslash before xNN as it was: its row is found too
+        moved = next((m for c in escapings(path) if (m := self.sink.places.get(c)) is not None), None)
         if moved is None:
             return None
         # A row from before moved_to existed names no place: look where it would have gone.
@@ -365,7 +358,7 @@ class Finisher:
         )
         for p in places:
             try:
-                if os.path.samestat(os.lstat(p), st):
+                if os.path.samestat(lstat_placed(p), st):
                     return moved
             except OSError:
                 continue
@@ -378,10 +371,26 @@ class Finisher:
             if not moved:  # a row of a CSV from before moved_to, written before its file was moved
                 return place(path, st, target(path, self.inbox, self.done_dir), fid)[0]
             names = unescaped(moved)
-            dest = next((p for p in names if os.path.lexists(p)), names[-1])
+            dest = next((p for p in names if _there(p)), names[0])
             # place() reuses it when it is this file; if someone put another file there, this
             # one gets a name of its own rather than being removed with no copy left
             return place(path, st, Path(dest), fid)[0]
         except OSError as e:
-            self._warn_once(path, st, f"could not move {path} out of the inbox: {e}; it stays")
+            self._warn_once(path, st, f"could not move {path} out of the inbox: {_said(e)}; it stays")
             return None
+
+
+def _there(path: str) -> bool:
+    """Is there a file at ``path`` in an output folder (no link followed on the way)?"""
+    try:
+        lstat_placed(path)
+    except OSError:
+        return False
+    return True
+
+
+def _said(e: OSError) -> str:
+    """What went wrong, in the system's words: a link found on the way names itself."""
+    if e.strerror and e.filename is None:
+        return e.strerror
+    return str(e)

@@ -1,21 +1,23 @@
 """The inbox's rules: what counts as work, how a file is identified, how a folder is walked,
-and where a file goes when its row is written (``place`` before the row, ``remove`` after it:
-see producer/finish.py)."""
+where a file goes (``target``; producer/place.py puts it there before its row) and how its
+entry goes after its row (``remove``: see producer/finish.py)."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import filecmp
 import hashlib
 import os
-import shutil
 import stat
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from mnistq.protocol import EXTENSIONS
+from mnistq.safeopen import open_folder
 from producer.access import Denied
+
+_T = TypeVar("_T")
 
 _TEMP_SUFFIXES = (".part", ".tmp", ".crdownload", ".partial", ".swp", ".swx", ".download", "~")
 
@@ -59,21 +61,22 @@ def scan(
     while stack:
         top = stack.pop()
         hidden = False  # an entry whose lstat this folder's permission refuses
+        under = top.rstrip("/") + "/"
         try:
-            with os.scandir(top) as entries:
+            with _listing(top) as entries:
                 for entry in entries:
                     name = entry.name
                     try:
                         folder = entry.is_dir(follow_symlinks=False)
                     except OSError:
                         folder = False
-                    if folder and not name.startswith(".") and entry.path not in skipped:
-                        stack.append(entry.path)  # read after this one
+                    if folder and not name.startswith(".") and under + name not in skipped:
+                        stack.append(under + name)  # read after this one
                     # A folder named like an image is reported (as an error row), and still
                     # descended into.
                     if not wanted(name):
                         continue
-                    path = entry.path
+                    path = under + name
                     if known is not None and known(path):
                         continue
                     try:
@@ -93,6 +96,32 @@ def scan(
                 denied.note(top)
             else:
                 denied.cleared(top)
+
+
+@contextlib.contextmanager
+def _listing(top: str) -> Iterator[Iterator[os.DirEntry[str]]]:
+    """``os.scandir(top)``; for a folder deeper than a path can name (ENAMETOOLONG: over
+    PATH_MAX, 4,096 bytes), the listing of its descriptor, opened one component at a time: its
+    files get their rows too (``at`` reaches them for the rest)."""
+    try:
+        entries = os.scandir(top)
+    except OSError as e:
+        if e.errno != errno.ENAMETOOLONG:
+            raise
+    else:
+        with entries:
+            yield entries
+        return
+    where = open_folder(top)
+    try:
+        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=where)
+    finally:
+        os.close(where)
+    try:  # the descriptor stays open while the entries are read: they stat through it
+        with os.scandir(fd) as entries:
+            yield entries
+    finally:
+        os.close(fd)
 
 
 #: Errors that say the disk, not the file, is the trouble: the work waits until they pass.
@@ -120,161 +149,37 @@ def target(path: str, inbox: Path, target_dir: Path) -> str:
     return str(target_dir / rel)
 
 
-#: Folders ``place`` made or found (done/, failed/ and their subfolders): not made again per file.
-_folders: set[str] = set()
+def lstat(path: str) -> os.stat_result:
+    """``os.lstat`` of an inbox path, however long (see ``_at``)."""
+    return at(path, lambda p, d: os.lstat(p, dir_fd=d))
 
 
-def place(path: str, st: os.stat_result, dest: str | os.PathLike[str], fid: str) -> tuple[str, bool]:
-    """Put the file at its final place (a hard link, or a copy across filesystems), the inbox
-    entry left as it is. Returns the final path, and whether this call created it.
-
-    The name is ``dest``, or ``dest`` with the file id in it when another file has that name:
-    never overwritten. A file that is already there from a run that stopped before writing the
-    row (the same inode, or a copy with the same content) is reused, not linked twice. A
-    symlink is placed as the link, not its target.
-    """
-    dest = os.fspath(dest)
-    folder = os.path.dirname(dest)
-    if folder not in _folders:
-        _make(folder)
-    for candidate in _names(dest, fid):
-        # Link first and look only if the name is taken: one system call for the usual file.
-        try:
-            _put(path, st, candidate)
-        except FileExistsError:
-            try:
-                there = os.lstat(candidate)
-            except FileNotFoundError:
-                continue  # there a moment ago: leave that name alone
-            if _same(path, st, candidate, there):
-                return candidate, False
-            continue
-        except FileNotFoundError:
-            if os.path.isdir(folder):
-                raise  # the file itself is gone
-            _make(folder)  # someone removed the folder meanwhile
-            _put(path, st, candidate)
-        return candidate, True
-    raise FileExistsError(errno.EEXIST, "no free name for it", dest)
-
-
-def _make(folder: str) -> None:
-    os.makedirs(folder, exist_ok=True)
-    if len(_folders) > 4096:  # a tree of many folders: remembering them all is not worth it
-        _folders.clear()
-    _folders.add(folder)
-
-
-def unplace(dest: str) -> None:
-    """Undo a ``place`` that created ``dest`` (its row could not be written): the inbox keeps
-    the file, and nothing is in done/ without its row."""
-    with contextlib.suppress(OSError):  # left: a later run reuses it
-        os.unlink(dest)
+def at(path: str, call: Callable[[str, int | None], _T]) -> _T:
+    """``call(path, None)``; for a path longer than system calls take (ENAMETOOLONG, over
+    PATH_MAX: a deep tree), ``call(name, folder)`` on its folder's descriptor, opened one
+    component at a time."""
+    try:
+        return call(path, None)
+    except OSError as e:
+        if e.errno != errno.ENAMETOOLONG:
+            raise
+    folder, name = os.path.split(path)
+    fd = open_folder(folder)
+    try:
+        return call(name, fd)
+    finally:
+        os.close(fd)
 
 
 def remove(path: str, st: os.stat_result) -> bool:
     """Remove the inbox entry whose row is written; False when another file took its name (it
     stays, as new work). Raises OSError when the entry cannot be removed."""
     try:
-        now = os.lstat(path)
+        now = lstat(path)
     except FileNotFoundError:
         return True
     if not os.path.samestat(now, st):
         return False
     with contextlib.suppress(FileNotFoundError):  # gone meanwhile: as good as removed
-        os.unlink(path)
+        at(path, lambda p, d: os.unlink(p, dir_fd=d))
     return True
-
-
-def unlink_strays(st: os.stat_result, dest: str, firsts: Iterable[str]) -> None:
-    """Remove the other links to this very file (``st``) at the names ``place`` could have given
-    it, ``dest`` kept: a run that stopped between ``place`` and the row left them where it then
-    meant to put the file (another folder, when the review threshold or the model changed), or
-    under a name with the file id of before (linking changed the file's ctime, so its id).
-    ``firsts``: its first-choice name in each output folder. Call with the row naming ``dest``
-    written. A file with no other link (the usual one) costs nothing; a folder is read only
-    where its first-choice name is another file's (a stray may then carry an id)."""
-    if st.st_nlink < 2:
-        return
-    for first in firsts:
-        folder, name = os.path.split(first)
-        stem, suffix = os.path.splitext(name)
-        try:
-            there: os.stat_result | None = os.lstat(first)
-        except OSError:
-            there = None
-        names = [first]
-        if there is not None and not os.path.samestat(there, st):
-            with contextlib.suppress(OSError), os.scandir(folder) as entries:
-                names = [
-                    e.path
-                    for e in entries
-                    if e.name.startswith(f"{stem}.") and e.name.endswith(suffix) and e.inode() == st.st_ino
-                ]
-        for candidate in names:
-            if candidate == dest:
-                continue
-            with contextlib.suppress(OSError):
-                if os.path.samestat(os.lstat(candidate), st):
-                    os.unlink(candidate)
-
-
-def _names(dest: str, fid: str) -> Iterator[str]:
-    # Decided by the file id, so a rerun after a crash finds the name it chose before.
-    yield dest
-    folder, name = os.path.split(dest)
-    stem, suffix = os.path.splitext(name)
-    yield os.path.join(folder, f"{stem}.{fid[:8]}{suffix}")
-    for n in range(1, 1000):
-        yield os.path.join(folder, f"{stem}.{fid[:8]}.{n}{suffix}")
-
-
-def _same(path: str, st: os.stat_result, candidate: str, there: os.stat_result) -> bool:
-    if os.path.samestat(st, there):
-        return True
-    if stat.S_ISLNK(st.st_mode) and stat.S_ISLNK(there.st_mode):
-        try:
-            return os.readlink(path) == os.readlink(candidate)
-        except OSError:
-            return False
-    # a copy (copy2 keeps mtime): the same content is the same file, whoever copied it
-    return (
-        stat.S_ISREG(st.st_mode)
-        and stat.S_ISREG(there.st_mode)
-        and (st.st_size, st.st_mtime_ns) == (there.st_size, there.st_mtime_ns)
-        and filecmp.cmp(path, candidate, shallow=False)
-    )
-
-
-def _put(path: str, st: os.stat_result, dest: str) -> None:
-    try:
-        # A hard link: no data written, and the file is whole at its final place at once.
-        os.link(path, dest, follow_symlinks=False)
-        return
-    except OSError as e:
-        if e.errno in (errno.EEXIST, errno.ENOENT) or e.errno in DISK_ERRNOS:
-            raise
-    # Another filesystem (EXDEV), or one without hard links: copy under a temporary name, then
-    # give it its final name only when whole (link, so an existing file is never overwritten).
-    if os.path.lexists(dest):  # taken: no copy made for nothing (place looks at what is there)
-        raise FileExistsError(errno.EEXIST, "exists", dest)
-    folder, name = os.path.split(dest)
-    tmp = os.path.join(folder, f".{name}.part")
-    try:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)  # a crashed run's partial copy
-        if stat.S_ISLNK(st.st_mode):
-            os.symlink(os.readlink(path), tmp)
-        else:
-            shutil.copy2(path, tmp, follow_symlinks=False)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-        try:
-            os.link(tmp, dest, follow_symlinks=False)
-        except OSError as e:
-            if e.errno == errno.EEXIST or e.errno in DISK_ERRNOS:
-                raise
-            os.rename(tmp, dest)  # no hard links here at all
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)

@@ -127,7 +127,8 @@ class InotifyHints:
             e = ctypes.get_errno()
             if folder == self.root:
                 raise OSError(e, os.strerror(e), folder)
-            if e in (errno.ENOSPC, errno.ENOMEM) and not self._warned:
+            # ENAMETOOLONG: a folder deeper than a path can name (PATH_MAX)
+            if e in (errno.ENOSPC, errno.ENOMEM, errno.ENAMETOOLONG) and not self._warned:
                 self._warned = True  # its files are still found by the periodic rescans
                 log.warning(
                     "cannot watch %s for events (%s); it is rescanned instead", folder, os.strerror(e)

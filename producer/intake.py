@@ -29,6 +29,8 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from pathlib import Path
 
+from producer.inbox import lstat
+
 log = logging.getLogger("mnistq.producer")
 
 Stat = Callable[[str], os.stat_result]
@@ -50,7 +52,7 @@ def _never(_path: str) -> bool:
 
 
 def _lstat(path: str) -> os.stat_result:
-    return os.stat(path, follow_symlinks=False)
+    return lstat(path)  # os.lstat, for a path of any length
 
 
 class Intake:

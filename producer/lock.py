@@ -117,7 +117,12 @@ _held: dict[Path, PathLock] = {}
 
 
 def check_csv(csv: Path) -> Path:
-    """The CSV's absolute path; ConfigError if it is a folder or its folder is missing."""
+    """The CSV's absolute path; ConfigError if it is a folder, a symbolic link (its rows would
+    go to the link's target, and done/ and failed/ beside it), or its folder is missing."""
+    if csv.expanduser().is_symlink():
+        raise ConfigError(
+            f"the results file {csv} is a symbolic link (links are not followed): name the file itself"
+        )
     path = csv.expanduser().resolve()
     if path.is_dir():
         raise ConfigError(f"the results file {csv} is a folder (--csv or MNISTQ_CSV names a file)")
@@ -131,7 +136,7 @@ def check_csv(csv: Path) -> Path:
 
 def _check_writable(csv: Path) -> None:
     try:  # an existing file: can it be appended to? (a new one: the lock file beside it proved it)
-        os.close(os.open(csv, os.O_WRONLY | os.O_APPEND))
+        os.close(os.open(csv, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW))
     except FileNotFoundError:
         pass
     except OSError as e:
@@ -144,8 +149,9 @@ def check_paths(args: argparse.Namespace) -> None:
 
     Each mistake is a ConfigError (one line, exit 2): an inbox that is a file, whose folder is
     missing, or that cannot be created (the inbox is the one thing created here), a CSV whose
-    folder is missing or that cannot be written, an output folder that is or holds the inbox,
-    another producer on either, or on a folder above or inside the inbox (its PID named). The
+    folder is missing or that cannot be written, a CSV or output folder that is a symbolic link
+    (what is written is never put through a link: see producer/place.py ``place`` for links
+    planted later), an output folder that is or holds the inbox, another producer on either, or on a folder above or inside the inbox (its PID named). The
     locks are held until ``watch`` returns or the process ends; calling this again in the same
     process is harmless (and does not walk the inbox again).
     """
@@ -159,6 +165,10 @@ def check_paths(args: argparse.Namespace) -> None:
         ("--failed-dir", args.failed_dir or csv.parent / "failed"),
         ("the review folder", review_dir_for(done)),
     ):
+        if folder.expanduser().is_symlink():
+            raise ConfigError(
+                f"{option} {folder} is a symbolic link (links are not followed): name the folder itself"
+            )
         if folder.exists() and not folder.is_dir():
             raise ConfigError(f"{option} {folder} is a file, not a folder")
         where = folder.expanduser().resolve()

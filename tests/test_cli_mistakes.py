@@ -74,6 +74,20 @@ MISTAKES = {
         "argument --review-below: expected a number between 0 and 1",
     ),
     "a review folder that is a file": (["watch", "--done-dir", "x/done"], "the review folder"),
+    "a results file that is a symbolic link": (["watch", "--csv", "link.csv"], "link.csv is a symbolic link"),
+    "a done folder that is a symbolic link": (["watch", "--done-dir", "linked"], "linked is a symbolic link"),
+    "a failed folder that is a symbolic link": (
+        ["watch", "--failed-dir", "linked"],
+        "linked is a symbolic link",
+    ),
+    "a review folder that is a symbolic link": (
+        ["watch", "--done-dir", "y/done"],
+        "y/review is a symbolic link",
+    ),
+    "classify into a CSV that is a symbolic link": (
+        ["classify", "--csv", "link.csv", "x.png"],
+        "link.csv is a symbolic link",
+    ),
     "an option without its value": (["watch", "--inbox"], "expected one argument"),
     "classify without paths": (["classify"], "required: paths"),
     "classify with a bad timeout": (["classify", "--timeout", "soon", "x.png"], "invalid float value"),
@@ -91,6 +105,13 @@ def test_each_mistake_is_one_line_and_creates_nothing(name: str, tmp_path: Path)
     (tmp_path / "README.md").write_text("not a folder\n")
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "review").write_text("a file where review/ would go\n")
+    # links to a folder and a file outside: nothing is ever written through them
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "results.csv").write_text("")
+    (tmp_path / "link.csv").symlink_to("elsewhere/results.csv")
+    (tmp_path / "linked").symlink_to("elsewhere")
+    (tmp_path / "y").mkdir()
+    (tmp_path / "y" / "review").symlink_to("../elsewhere")
     before = tree(tmp_path)
     # a dead broker: every mistake is found before the broker is needed
     out = mnistq(*args, cwd=tmp_path, env=environ(REDIS_URL=dead_url()))

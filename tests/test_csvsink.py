@@ -12,7 +12,7 @@ import pytest
 
 from mnistq.errors import ConfigError
 from mnistq.protocol import CSV_COLUMNS, ErrorKind, Result
-from producer.csvsink import CsvSink, escape, unescaped
+from producer.csvsink import CsvSink, escape, escapings, unescaped
 
 OLD_HEADER = "path,digit,confidence,model_version,error,id,finished_at"
 
@@ -122,9 +122,34 @@ def test_a_foreign_file_is_refused_and_left_untouched(tmp_path: Path, content: b
 def test_names_that_are_not_utf8_are_escaped_and_read_back_both_ways() -> None:
     raw = os.fsdecode(b"/in/bad\xff.png")
     assert escape(raw) == "/in/bad\\xff.png" and escape("/in/ünï.png") == "/in/ünï.png"
-    assert unescaped(escape(raw)) == ["/in/bad\\xff.png", raw]
+    assert unescaped(escape(raw)) == [raw, "/in/bad\\xff.png"]  # what it means first, then as it reads
     assert escape("lone \ud800") == "lone \\ud800"  # not from a filesystem: escaped all the same
     assert unescaped("/in/plain.png") == ["/in/plain.png"]
+
+
+NAMES = [b"bad\xff.png", b"bad\\xff.png", b"bad\\\xff.png", b"bad\\\\xff.png", b"a\\\xff.png"]
+NAMES += [b"a\\x4.png", b"a\\xFF.png", b"c:\\new\\x.png", b"\\\\\xfe\\x00.png", b"\xc3\xa9\\xc3.png"]
+
+
+@pytest.mark.parametrize("name", NAMES, ids=lambda n: repr(n)[2:-1])
+def test_escaping_is_reversible(name: bytes) -> None:
+    """A byte that is not UTF-8 and the four characters \\xNN get different cells, and each cell
+    reads back as its own name first (a backslash before x and two hex digits is doubled)."""
+    path = os.fsdecode(b"/in/" + name)
+    cell = escape(path)
+    cell.encode("utf-8")  # a cell is UTF-8
+    assert unescaped(cell)[0] == path
+    others = [os.fsdecode(b"/in/" + n) for n in NAMES if n != name]
+    assert cell not in {escape(o) for o in others}
+
+
+def test_a_literal_backslash_x_name_is_not_the_byte_and_old_cells_read_both_ways() -> None:
+    byte, literal = os.fsdecode(b"/in/bad\xff.png"), "/in/bad\\xff.png"
+    assert escape(byte) == "/in/bad\\xff.png" and escape(literal) == "/in/bad\\\\xff.png"
+    assert unescaped(escape(literal)) == [literal, "/in/bad\\\\xff.png", "/in/bad\\" + byte[7:]]
+    # a cell an older version wrote, before backslashes were doubled: either name
+    assert set(unescaped("/in/bad\\xff.png")) == {byte, literal}
+    assert escapings(literal) == ["/in/bad\\\\xff.png", literal] and escapings(byte) == [escape(byte)]
 
 
 def test_a_message_is_one_write_and_the_ledger_keeps_where_files_went(tmp_path: Path) -> None:

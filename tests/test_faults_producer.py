@@ -22,10 +22,12 @@ from pathlib import Path
 import pytest
 import redis
 from conftest import WorkerProc, no_dac, write_digits
+from test_row_and_move import deep_file
 
 from mnistq.embedded import EmbeddedRedis
 from mnistq.protocol import QUEUE
 from mnistq.settings import Settings
+from producer import inbox
 from producer.client import Client
 from producer.csvsink import CsvSink, unescaped
 from producer.watcher import Watcher, WatchOptions
@@ -142,6 +144,27 @@ def test_300_files_one_named_in_bad_utf8_and_a_symlink_give_one_row_each(
     assert [p.name for p in w.inbox.iterdir() if not p.name.startswith(".")] == []
     assert w.stop() == 0
     assert "Traceback" not in w.text()
+
+
+@pytest.mark.timeout(120)
+def test_a_file_deeper_than_path_max_gets_its_row_and_leaves_the_inbox(
+    watch: Callable[..., Watch], tmp_path: Path
+) -> None:
+    """A 5,052-byte path: system calls refuse it by name (PATH_MAX is 4,096), so it is listed,
+    read, linked and removed through folder descriptors; the watcher says it cannot watch it
+    for events (the rescans find such files)."""
+    w = watch()
+    [(image, digit)] = write_digits(tmp_path / "staging", 1).items()
+    w.inbox.mkdir(parents=True)
+    deep = deep_file(w.inbox, 5052, image.read_bytes())
+    w.start()
+    wait_for(lambda: len(read_rows(w.csv)) >= 1, 60, w.text)
+    [row] = read_rows(w.csv)
+    assert (row["path"], row["digit"], row["error"]) == (deep, str(digit), "")
+    assert row["moved_to"] == str(w.done) + deep[len(str(w.inbox)) :]
+    wait_for(lambda: not list(inbox.scan(w.inbox, ())), 10, lambda: "still in the inbox")
+    assert w.stop() == 0
+    assert "Traceback" not in w.text() and "File name too long); it is rescanned instead" in w.text()
 
 
 @pytest.fixture

@@ -20,7 +20,9 @@ from conftest import no_dac
 from test_dispatch import Setup, answer
 
 import producer.finish
-from mnistq.protocol import ErrorKind, Reply, Result
+from mnistq.protocol import CSV_COLUMNS, ErrorKind, Reply, Result
+from mnistq.safeopen import open_folder
+from producer import inbox
 from producer.csvsink import CsvSink
 from producer.dispatch import Dispatcher
 
@@ -498,3 +500,118 @@ print([r["moved_to"] for r in s.rows()])
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["0 True", str([str(tmp_path / "done" / "sub" / "x.png")])], out.stdout
     assert "cannot read" in out.stderr and "(permission denied)" in out.stderr
+
+
+def test_links_planted_in_the_output_folders_are_not_followed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """done/sub, failed/ and then done/ itself as symbolic links to a folder outside, planted
+    mid-run (after the start's checks): nothing goes through them. Each file gets its row,
+    which says it stays (moved_to empty), and one warning naming the link."""
+    s = Setup(tmp_path)
+    (s.inbox / "sub").mkdir()
+    y, z = s.make("sub/y.png"), s.make("z.png")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    s.done.mkdir()
+    (s.done / "sub").symlink_to(outside)
+    s.failed.symlink_to(outside)
+    s.dispatch.send([y, z])
+    task_id, paths, ids = s.broker.sent[0]
+    results = answer(s.broker.sent[0]).results
+    results[paths.index(z)] = Result.failed(z, ErrorKind.UNREADABLE, "not an image", ids[paths.index(z)])
+    with caplog.at_level(logging.WARNING, logger="mnistq.producer"):
+        s.dispatch.on_reply(Reply(task_id, results))
+        shutil.rmtree(s.done)
+        s.done.symlink_to(outside)
+        w = s.make("w.png")
+        s.dispatch.send([w])
+        s.dispatch.on_reply(answer(s.broker.sent[-1]))
+    assert {r["path"]: r["moved_to"] for r in s.rows()} == {y: "", z: "", w: ""}
+    assert list(outside.iterdir()) == []
+    assert all(Path(p).exists() for p in (y, z, w))
+    link = "is a symbolic link (links are not followed); it stays"
+    assert caplog.messages == [
+        f"could not move {y} to {s.done}: {s.done / 'sub'} {link}",
+        f"could not move {z} to {s.failed}: {s.failed} {link}",
+        f"could not move {w} to {s.done}: {s.done} {link}",
+    ]
+
+
+def test_a_second_255_byte_name_is_cut_to_fit_with_its_id_and_extension(tmp_path: Path) -> None:
+    s = Setup(tmp_path)
+    name = "a" + "é" * 125 + ".png"  # 255 bytes, two per é: the longest name a folder holds
+    assert len(name.encode()) == 255
+    s.done.mkdir()
+    (s.done / name).write_bytes(b"an earlier file of that name")
+    path = s.make(name)
+    s.dispatch.send([path])
+    _, _, ids = s.broker.sent[0]
+    s.dispatch.on_reply(answer(s.broker.sent[0]))
+    [row] = s.rows()
+    moved = Path(row["moved_to"])
+    # cut before a whole character (never inside its two bytes), the id and extension kept
+    assert moved == s.done / ("a" + "é" * 120 + f".{ids[0][:8]}.png")
+    assert moved.read_bytes() == b"image" and list(s.inbox.iterdir()) == []
+
+
+def test_an_older_versions_row_of_a_literal_backslash_x_name_is_still_found(tmp_path: Path) -> None:
+    """Killed between row and removal by a version that wrote the name bad\\xff.png (four ASCII
+    characters) as it is: today that cell is written with the backslash doubled, and the ledger
+    still finds the old one. Its inbox entry goes, no second row."""
+    s = Setup(tmp_path)
+    path = s.make("bad\\xff.png")
+    s.done.mkdir()
+    os.link(path, s.done / "bad\\xff.png")
+    with open(s.csv, "a", newline="", encoding="utf-8") as f:
+        csv.writer(f, lineterminator="\r\n").writerow(
+            {"path": path, "digit": "3", "id": "0123456789abcdef", "moved_to": s.done / "bad\\xff.png"}.get(
+                c, ""
+            )
+            for c in CSV_COLUMNS
+        )
+    restart(s)
+    assert scan(s) == [] and list(s.inbox.iterdir()) == []
+    assert [r["path"] for r in read_rows(s.csv)] == [path]
+    assert (s.done / "bad\\xff.png").read_bytes() == b"image"
+
+
+def deep_file(top: Path, length: int, data: bytes, name: str = "x.png") -> str:
+    """A file whose path is ``length`` bytes long, more than a path can name (PATH_MAX is
+    4,096): made one folder at a time, through descriptors."""
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    path = str(top)
+    try:
+        while (left := length - len(os.fsencode(path)) - len(name) - 1) > 0:
+            folder = "d" * min(200, max(1, left - 1))
+            os.mkdir(folder, dir_fd=fd)
+            child = os.open(folder, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd, path = child, f"{path}/{folder}"
+        out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=fd)
+        os.write(out, data)
+        os.close(out)
+    finally:
+        os.close(fd)
+    path = f"{path}/{name}"
+    assert len(os.fsencode(path)) == length
+    return path
+
+
+def test_a_path_longer_than_path_max_is_found_answered_and_moved(tmp_path: Path) -> None:
+    s = Setup(tmp_path)
+    deep = deep_file(s.inbox, 5052, b"image")
+    found = [p for p, _ in inbox.scan(s.inbox, ())]
+    assert found == [deep]
+    s.dispatch.send(found)
+    assert s.broker.sent[0][1] == [deep]
+    s.dispatch.on_reply(answer(s.broker.sent[0]))
+    [row] = s.rows()
+    assert row["path"] == deep and row["digit"] == "3"
+    assert row["moved_to"] == str(s.done) + deep[len(str(s.inbox)) :]
+    assert list(inbox.scan(s.inbox, ())) == []  # gone from the inbox
+    fd = open_folder(os.path.dirname(row["moved_to"]))
+    try:
+        assert os.lstat("x.png", dir_fd=fd).st_size == 5
+    finally:
+        os.close(fd)
