@@ -41,7 +41,12 @@ class NoWorker(ResultTimeout):
 
 def miscounted(reply: Reply, paths: Sequence[str], ids: Sequence[str | None]) -> list[Result] | None:
     """Error results for every path of a reply whose count does not match the request (a worker
-    bug: which result belongs to which path cannot be trusted); None when the count is right."""
+    bug: which result belongs to which path cannot be trusted), or of a message the worker refused
+    whole; None when the count is right."""
+    if reply.refused is not None:
+        message = f"refused by the worker: {reply.refused}"
+        log.warning("task %s %s; every file of it gets an error row", reply.task_id, message)
+        return [Result.failed(p, ErrorKind.REFUSED, message, i) for p, i in zip(paths, ids, strict=True)]
     if len(reply.results) == len(paths):
         return None
     message = f"internal error: the worker answered {len(reply.results)} results for {len(paths)} files"

@@ -1,4 +1,5 @@
-"""A Redis (broker or results) that went away: one warning, a reminder every 30 s, one "back".
+"""A Redis (broker or results) that went away, or is out of memory: one warning, a reminder every
+30 s, one "back".
 
 Celery and kombu log every failed reconnect (an ERROR line, "Trying again in N seconds", and
 on a lost connection a traceback from each task that touched Redis). The worker reports each
@@ -12,12 +13,18 @@ import threading
 import time
 from collections.abc import Callable
 
+import redis
 from kombu.utils.url import maybe_sanitize_url
 
 log = logging.getLogger("mnistq.worker")
 
 #: at most one "still unreachable" line per this many seconds while a server stays away
 REMIND_EVERY_S = 30.0
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Redis refused a write: it is at ``maxmemory`` with nothing it may evict (noeviction)."""
+    return isinstance(error, redis.exceptions.OutOfMemoryError) or str(error).startswith("OOM ")
 
 
 def _reason(error: BaseException) -> str:
@@ -53,14 +60,24 @@ class Outage:
             now = self.clock()
             if self.since is None and started is not None and started < self._back_at:
                 return
+            full = out_of_memory(error)  # it answers, but takes no writes: say that, not "reach"
             if self.since is None:
                 self.since = self._said = now
-                log.warning("cannot reach %s (%s); waiting for it", self.url, _reason(error))
+                if full:
+                    log.warning(
+                        "%s is out of memory: it refuses writes (maxmemory reached, nothing it may "
+                        "evict) (%s); waiting for room",
+                        self.url,
+                        _reason(error),
+                    )
+                else:
+                    log.warning("cannot reach %s (%s); waiting for it", self.url, _reason(error))
             elif now - self._said >= self.every:
                 self._said = now
                 log.warning(
-                    "%s still unreachable after %.0f s (%s); waiting for it",
+                    "%s still %s after %.0f s (%s); waiting for it",
                     self.url,
+                    "out of memory" if full else "unreachable",
                     now - self.since,
                     _reason(error),
                 )

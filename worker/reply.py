@@ -18,7 +18,12 @@ log = logging.getLogger("mnistq.worker")
 #: delivered again elsewhere while this thread still holds it); after that the producer resends
 REPLY_RETRY_S = 20.0
 
-_RETRY_ON = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+#: a Redis away, or at maxmemory with noeviction (it takes no write until memory is freed)
+_RETRY_ON = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.OutOfMemoryError,
+)
 
 
 def push_reply(
@@ -46,9 +51,10 @@ def push_reply(
             watch.failed(e, started)
             if clock() + delay > deadline:
                 log.warning(
-                    "reply to %s dropped: the results Redis was unreachable for %.0f s "
+                    "reply to %s dropped: the results Redis was %s for %.0f s "
                     "(the producer sends lost work again)",
                     key,
+                    "out of memory" if outage.out_of_memory(e) else "unreachable",
                     retry_for,
                 )
                 return False
