@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Protocol
 
 from mnistq.protocol import ErrorKind, Reply, Result
+from producer.broker import BrokerRefused
 from producer.client import miscounted
 from producer.csvsink import CsvSink
 from producer.evidence import Lookout, LostWork, NoProbe
@@ -167,6 +168,8 @@ class Dispatcher:
                     self._tasks.pop(task_id, None)
                     for _, fid, _ in batch:
                         self._land(fid)
+                if isinstance(e, BrokerRefused):  # a wrong password: waiting does not help
+                    raise
                 return [p for p, _, _ in batch] + list(paths[start + self.message_size :])
             with self._lock:
                 self._sent += len(batch)

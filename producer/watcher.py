@@ -19,7 +19,7 @@ from typing import Protocol
 
 from mnistq.errors import ConfigError
 from mnistq.protocol import Reply
-from producer.broker import BrokerUnavailable, Outage
+from producer.broker import BrokerRefused, BrokerUnavailable, Outage
 from producer.csvsink import CsvSink
 from producer.dispatch import MAX_IN_FLIGHT, Dispatcher, Progress
 from producer.events import Hints, Source, source_for
@@ -124,6 +124,7 @@ class Watcher:
             busy=self.dispatch.is_busy,
         )
         self._next_ping = 0.0
+        self._refused: BrokerRefused | None = None
 
     def run(self) -> Progress:
         """Watch until ``stop`` is set (or, with drain, until the inbox is done); finish the rows
@@ -141,12 +142,14 @@ class Watcher:
                     f"cannot watch {self.inbox} for events: {e.strerror}; raise "
                     "fs.inotify.max_user_watches / max_user_instances, or use --polling"
                 ) from None
+        # A broker that is down at start: one warning, now; one that refuses the password: exit 2
+        # (before the collector starts, which would meet the same refusal).
+        self._broker_ok(time.monotonic())
         finished = threading.Event()  # tells the collector that no more results are expected
         collector = threading.Thread(
             target=self._collect, args=(finished,), name="mnistq-results", daemon=True
         )
         collector.start()
-        self._broker_ok(time.monotonic())  # a broker that is down at start: one warning, now
         mode = "polling" if self.opts.polling else "events"
         log.info("watching %s (%s)%s", self.inbox, mode, ", drain" if self.opts.drain else "")
         try:
@@ -172,6 +175,8 @@ class Watcher:
         last_log = time.monotonic()
         last_counts = (0, 0, 0, 0)
         while not self.stop.is_set():
+            if self._refused is not None:  # the collector met a refused password
+                raise self._refused
             wait = EVENT_WAIT_S if intake.settling else IDLE_WAIT_S
             got, overflow = hints.take(wait, limit=intake.room)
             if got:
@@ -229,6 +234,9 @@ class Watcher:
                 outage.failed(e)
                 finished.wait(1)
                 continue
+            except BrokerRefused as e:  # the loop stops on it, with exit 2
+                self._refused = e
+                return
             except Exception:  # a bug: the collector must live on; lost answers are resent
                 log.exception("receiving results failed; retrying")
                 finished.wait(1)

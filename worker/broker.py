@@ -15,12 +15,14 @@ name, a ``celery-task-meta-*`` key kept for an hour.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from celery.worker import consumer as celery_consumer
 from celery.worker.state import maybe_shutdown
 
-from mnistq.protocol import TASK_NAME
+from mnistq.protocol import TASK_NAME, ExitCode
+from mnistq.redisfaults import credentials_refused, refused_message
 from worker import outage
 
 log = logging.getLogger("mnistq.worker")
@@ -40,6 +42,7 @@ class Consumer(celery_consumer.Consumer):
 
         def errback(error: BaseException, interval: float) -> None:
             nonlocal attempt
+            _unless_refused(error, watch.url)
             watch.failed(error, attempt)
             attempt = watch.clock()  # the next attempt begins after this
 
@@ -80,11 +83,24 @@ class Consumer(celery_consumer.Consumer):
         self._drop(message, f"its body cannot be read ({_clip(exc)})")
 
     def on_connection_error_before_connected(self, exc: BaseException) -> None:
+        _unless_refused(exc, outage.broker().url)
         outage.broker().failed(exc)
 
     def on_connection_error_after_connected(self, exc: BaseException) -> None:
+        _unless_refused(exc, outage.broker().url)
         outage.broker().failed(exc)  # in place of Celery's warning, which _Quiet drops
         super().on_connection_error_after_connected(exc)
+
+
+def _unless_refused(error: BaseException, url: str) -> None:
+    """A refused password does not get better by waiting: one line, and the worker exits 2."""
+    if not credentials_refused(error):
+        return
+    log.critical("cannot go on: %s", refused_message(f"the broker at {url}", error))
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    # At once: what it held (nothing, at start) comes back after the visibility timeout.
+    os._exit(ExitCode.CONFIG)
 
 
 def _clip(value: object) -> str:

@@ -13,18 +13,14 @@ import threading
 import time
 from collections.abc import Callable
 
-import redis
 from kombu.utils.url import maybe_sanitize_url
+
+from mnistq.redisfaults import out_of_memory
 
 log = logging.getLogger("mnistq.worker")
 
 #: at most one "still unreachable" line per this many seconds while a server stays away
 REMIND_EVERY_S = 30.0
-
-
-def out_of_memory(error: BaseException) -> bool:
-    """Redis refused a write: it is at ``maxmemory`` with nothing it may evict (noeviction)."""
-    return isinstance(error, redis.exceptions.OutOfMemoryError) or str(error).startswith("OOM ")
 
 
 def _reason(error: BaseException) -> str:

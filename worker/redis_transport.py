@@ -42,8 +42,8 @@ import redis
 from kombu.transport import redis as kredis
 from kombu.transport import virtual
 
+from mnistq.redisfaults import out_of_memory
 from worker import outage
-from worker.outage import out_of_memory
 
 log = logging.getLogger(__name__)
 

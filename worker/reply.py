@@ -9,6 +9,7 @@ from typing import Any
 
 import redis
 
+from mnistq.redisfaults import out_of_memory
 from worker import outage
 
 log = logging.getLogger("mnistq.worker")
@@ -54,7 +55,7 @@ def push_reply(
                     "reply to %s dropped: the results Redis was %s for %.0f s "
                     "(the producer sends lost work again)",
                     key,
-                    "out of memory" if outage.out_of_memory(e) else "unreachable",
+                    "out of memory" if out_of_memory(e) else "unreachable",
                     retry_for,
                 )
                 return False
