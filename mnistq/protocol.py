@@ -7,7 +7,8 @@ so any side may import it.
   (:class:`ClassifyRequest`). It stores no Celery result: answers go to the caller's reply list.
 - **Reply**: the worker pushes one JSON object ``{"task_id": ..., "results": [Result, ...]}``
   (:class:`Reply`) onto the Redis list named by ``reply_to``, which must be ``REPLY_PREFIX`` +
-  32 hex digits.
+  32 hex digits. A message the worker refuses whole (over :data:`MAX_PATHS` paths, malformed)
+  is answered with no results and ``refused``, the reason.
 - **Result**: one per path, in the request's order, failures included (:class:`Result`).
 - **CSV**: one row per file, columns :data:`CSV_COLUMNS`.
 """

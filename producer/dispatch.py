@@ -34,7 +34,7 @@ from mnistq.protocol import ErrorKind, Reply, Result
 from producer.broker import BrokerRefused
 from producer.client import miscounted
 from producer.csvsink import CsvSink
-from producer.evidence import Lookout, LostWork, NoProbe
+from producer.evidence import LOST_WHY, Lookout, LostWork, NoProbe
 from producer.finish import RETRY_S, Answer, Finisher, Landed
 from producer.inbox import file_id, identity
 
@@ -232,9 +232,7 @@ class Dispatcher:
                     len(paths), self.lost.fallback_s,
                 )  # fmt: skip
             else:
-                log.warning(
-                    "sending %d files again: their messages were lost (broker restarted?)", len(paths)
-                )
+                log.warning("sending %d files again: their messages are %s", len(paths), LOST_WHY)
         return paths
 
     def _in_flight(self) -> dict[str, float]:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from mnistq.errors import MnistqError
 from mnistq.protocol import ErrorKind, ExitCode, Reply, Result
 from producer.broker import BrokerUnavailable
+from producer.evidence import LOST_WHY
 
 if TYPE_CHECKING:
     from producer.client import Client
@@ -174,10 +175,8 @@ class Job:
             lost &= self._sent_at.keys()  # answered meanwhile: not lost
         if not lost:
             return
-        if self._lost.by_fallback:  # a broker that cannot be listed: time is the only evidence
-            why = f"unanswered after {self._lost.fallback_s:.0f}s"
-        else:
-            why = "gone from the broker (restarted?)"
+        # a broker that cannot be listed: time is the only evidence
+        why = f"unanswered after {self._lost.fallback_s:.0f}s" if self._lost.by_fallback else LOST_WHY
         log.warning("%d of %d messages in flight are %s; sending them again", len(lost), len(flying), why)
         for task_id in lost:
             self._send(task_id)
