@@ -7,7 +7,8 @@ so any side may import it.
   (:class:`ClassifyRequest`). It stores no Celery result: answers go to the caller's reply list.
 - **Reply**: the worker pushes one JSON object ``{"task_id": ..., "results": [Result, ...]}``
   (:class:`Reply`) onto the Redis list named by ``reply_to``, which must be ``REPLY_PREFIX`` +
-  32 hex digits.
+  32 hex digits. A message the worker refuses whole (over :data:`MAX_PATHS` paths, malformed)
+  is answered with no results and ``refused``, the reason.
 - **Result**: one per path, in the request's order, failures included (:class:`Result`).
 - **CSV**: one row per file, columns :data:`CSV_COLUMNS`.
 """
@@ -24,6 +25,9 @@ QUEUE = "mnistq"
 TASK_NAME = "mnistq.classify"
 REPLY_PREFIX = "mnistq:reply:"
 _REPLY_KEY = re.compile(re.escape(REPLY_PREFIX) + r"[0-9a-f]{32}\Z")
+#: the most paths one message may carry (MNISTQ_MESSAGE_SIZE is at most this): a worker refuses
+#: a longer one whole, before opening any file (200,000 paths took 5 GB at once)
+MAX_PATHS = 4096
 
 #: The image files the product reads (by extension); the watcher ignores everything else.
 EXTENSIONS = frozenset(
@@ -109,6 +113,8 @@ class ClassifyRequest:
     def from_kwargs(cls, kwargs: dict[str, Any]) -> ClassifyRequest:
         """Validate a received message's arguments; ValueError says what is wrong."""
         paths, ids = kwargs.get("paths"), kwargs.get("ids")
+        if isinstance(paths, list) and len(paths) > MAX_PATHS:
+            raise ValueError(f"{len(paths)} paths in one message, over the limit of {MAX_PATHS}")
         if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
             raise ValueError("paths must be a list of strings")
         if ids is not None and (
@@ -192,18 +198,32 @@ _RESULT_KNOWN = frozenset(_RESULT_FIELDS)
 
 @dataclass
 class Reply:
-    """What a worker pushes onto a reply list for one task."""
+    """What a worker pushes onto a reply list for one task.
+
+    ``refused``: why the worker refused the message whole (no results then): the sender gives
+    each file it sent an error result saying so. An older sender sees no results, which it
+    errors as a miscount.
+    """
 
     task_id: str
     results: list[Result] = field(default_factory=list)
+    refused: str | None = None
 
     def dumps(self) -> str:
-        return json.dumps({"task_id": self.task_id, "results": [r.to_dict() for r in self.results]})
+        msg: dict[str, Any] = {"task_id": self.task_id, "results": [r.to_dict() for r in self.results]}
+        if self.refused is not None:
+            msg["refused"] = self.refused
+        return json.dumps(msg)
 
     @classmethod
     def loads(cls, raw: bytes | str) -> Reply:
         msg = json.loads(raw)
-        return cls(task_id=str(msg["task_id"]), results=[Result.from_dict(r) for r in msg["results"]])
+        refused = msg.get("refused")
+        return cls(
+            task_id=str(msg["task_id"]),
+            results=[Result.from_dict(r) for r in msg["results"]],
+            refused=None if refused is None else str(refused),
+        )
 
 
 #: The results CSV, in order. A CSV written by an older version keeps its own header: rows are

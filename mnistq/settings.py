@@ -19,6 +19,7 @@ from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
 from mnistq.errors import ConfigError
+from mnistq.protocol import MAX_PATHS
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ class Settings:
     model: Path = field(default=DEFAULT_MODEL, metadata=_env("MNISTQ_MODEL", _path))
     inbox: Path = field(default=Path("inbox"), metadata=_env("MNISTQ_INBOX", _path))
     csv: Path = field(default=Path("results.csv"), metadata=_env("MNISTQ_CSV", _path))
-    #: paths per task message (producer, Python API)
+    #: paths per task message (producer, Python API), at most protocol.MAX_PATHS
     message_size: int = field(default=256, metadata=_env("MNISTQ_MESSAGE_SIZE", _int, "MNISTQ_BATCH_SIZE"))
     #: images per coalesced forward pass in a worker
     forward_batch: int = field(default=256, metadata=_env("MNISTQ_FORWARD_BATCH", _int, "MNISTQ_BATCH_SIZE"))
@@ -189,6 +190,8 @@ class Settings:
         for name in ("message_size", "forward_batch", "concurrency", "max_pixels"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{self.variable(name)} must be >= 1")
+        if self.message_size > MAX_PATHS:  # workers refuse a longer message whole
+            raise ConfigError(f"{self.variable('message_size')} must be at most {MAX_PATHS}")
         for name in (
             "threads", "coalesce_wait_ms", "result_expires", "visibility_timeout", "resend_after_s", "settle_s"
         ):  # fmt: skip

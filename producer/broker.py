@@ -18,6 +18,7 @@ from kombu.exceptions import OperationalError
 from kombu.utils.url import maybe_sanitize_url
 
 from mnistq.errors import ConfigError
+from mnistq.redisfaults import credentials_refused, out_of_memory, refused_message
 
 log = logging.getLogger("mnistq.producer")
 
@@ -33,7 +34,12 @@ SERVER_ERRORS: tuple[type[Exception], ...] = (*CONNECTION_ERRORS, redis.RedisErr
 
 
 class BrokerUnavailable(ConfigError):
-    """The broker, or the Redis that carries the reply lists, cannot be reached."""
+    """The broker, or the Redis that carries the reply lists, cannot be reached (or is full)."""
+
+
+class BrokerRefused(ConfigError):
+    """The broker or Redis refused our password: waiting does not help, so nothing waits on
+    this one (it is no BrokerUnavailable); the command stops with exit 2."""
 
 
 def safe_url(url: str) -> str:
@@ -47,9 +53,17 @@ def server_name(url: str) -> str:
     return f"{kind} at {safe_url(url)}"
 
 
-def unreachable(url: str, error: BaseException) -> BrokerUnavailable:
-    """The error for a server that cannot be reached, or that answers but not as expected."""
-    reason = str(error).strip().rstrip(".") or type(error).__name__
+def unreachable(url: str, error: BaseException) -> BrokerUnavailable | BrokerRefused:
+    """The error for a server that cannot be reached, or that answers but not as expected:
+    BrokerRefused for a refused password."""
+    if credentials_refused(error):
+        return BrokerRefused(refused_message(server_name(url), error))
+    reason = " ".join(str(error).split()).rstrip(".") or type(error).__name__
+    if out_of_memory(error):  # it answers, but takes no new message until memory is freed
+        return BrokerUnavailable(
+            f"{server_name(url)} is out of memory: it refuses new messages (maxmemory reached, "
+            f"nothing it may evict; free memory or raise maxmemory): {reason}"
+        )
     verb = "reach" if isinstance(error, CONNECTION_ERRORS) else "use"  # e.g. not Redis at all
     return BrokerUnavailable(f"cannot {verb} {server_name(url)}: {reason}")
 

@@ -33,7 +33,7 @@ from redis.retry import Retry
 
 from mnistq.celeryconf import make_app
 from mnistq.errors import ConfigError
-from mnistq.protocol import QUEUE, TASK_NAME, ClassifyRequest, Reply, Result, reply_key
+from mnistq.protocol import MAX_PATHS, QUEUE, TASK_NAME, ClassifyRequest, Reply, Result, reply_key
 from mnistq.settings import AUTO, ReviewBelow, Settings, parse_review_below
 from producer.broker import SERVER_ERRORS, BrokerUnavailable, Outage, safe_url, server_name, unreachable
 from producer.job import Job, NoWorker, ResultTimeout, miscounted
@@ -96,8 +96,8 @@ class Client:
             self.url, socket_timeout=30, socket_connect_timeout=3, retry=Retry(NoBackoff(), 1)
         )
         self.message_size = settings.message_size if message_size is None else message_size
-        if self.message_size < 1:
-            raise ConfigError(f"message_size must be >= 1, not {message_size}")
+        if not 1 <= self.message_size <= MAX_PATHS:  # workers refuse a longer message
+            raise ConfigError(f"message_size must be 1 to {MAX_PATHS}, not {message_size}")
         self.reconnect_s = reconnect_s
         self.outage = Outage(server_name(self.url))
         #: whether the broker ever answered this client: until it has, a failure is a wrong URL or

@@ -32,9 +32,10 @@ from typing import Protocol
 
 from mnistq.protocol import ErrorKind, Reply, Result
 from producer.access import Denied, blocking_folder, folder_id
+from producer.broker import BrokerRefused
 from producer.client import miscounted
 from producer.csvsink import CsvSink
-from producer.evidence import Lookout, LostWork, NoProbe
+from producer.evidence import LOST_WHY, Lookout, LostWork, NoProbe
 from producer.finish import RETRY_S, Answer, Finisher, Landed
 from producer.inbox import file_id, identity, lstat
 
@@ -191,6 +192,8 @@ class Dispatcher:
                     self._tasks.pop(task_id, None)
                     for _, fid, _ in batch:
                         self._land(fid)
+                if isinstance(e, BrokerRefused):  # a wrong password: waiting does not help
+                    raise
                 return [p for p, _, _ in batch] + list(paths[start + self.message_size :])
             with self._lock:
                 self._sent += len(batch)
@@ -256,9 +259,7 @@ class Dispatcher:
                     len(paths), self.lost.fallback_s,
                 )  # fmt: skip
             else:
-                log.warning(
-                    "sending %d files again: their messages were lost (broker restarted?)", len(paths)
-                )
+                log.warning("sending %d files again: their messages are %s", len(paths), LOST_WHY)
         return paths
 
     def _in_flight(self) -> dict[str, float]:

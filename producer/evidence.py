@@ -46,6 +46,13 @@ from mnistq.protocol import QUEUE
 log = logging.getLogger("mnistq.producer")
 
 _REDIS_SCHEMES = ("redis", "rediss", "redis+socket")
+#: Where lost work went, as the resend warnings say it: what the look found (nothing) and what
+#: can cause that. Not "broker restarted?" alone: a worker killed in the fetch window, or one too
+#: busy to answer the look, leaves the same evidence.
+LOST_WHY = (
+    "in no queue, no unacked list and no worker's answer (a Redis restarted empty, a worker "
+    "killed as it took them, or workers too busy to answer)"
+)
 
 
 class Probe(Protocol):

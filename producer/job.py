@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from mnistq.errors import MnistqError
 from mnistq.protocol import ErrorKind, ExitCode, Reply, Result
 from producer.broker import BrokerUnavailable
+from producer.evidence import LOST_WHY
 
 if TYPE_CHECKING:
     from producer.client import Client
@@ -41,7 +42,12 @@ class NoWorker(ResultTimeout):
 
 def miscounted(reply: Reply, paths: Sequence[str], ids: Sequence[str | None]) -> list[Result] | None:
     """Error results for every path of a reply whose count does not match the request (a worker
-    bug: which result belongs to which path cannot be trusted); None when the count is right."""
+    bug: which result belongs to which path cannot be trusted), or of a message the worker refused
+    whole; None when the count is right."""
+    if reply.refused is not None:
+        message = f"refused by the worker: {reply.refused}"
+        log.warning("task %s %s; every file of it gets an error row", reply.task_id, message)
+        return [Result.failed(p, ErrorKind.REFUSED, message, i) for p, i in zip(paths, ids, strict=True)]
     if len(reply.results) == len(paths):
         return None
     message = f"internal error: the worker answered {len(reply.results)} results for {len(paths)} files"
@@ -178,10 +184,8 @@ class Job:
             lost &= self._sent_at.keys()  # answered meanwhile: not lost
         if not lost:
             return
-        if self._lost.by_fallback:  # a broker that cannot be listed: time is the only evidence
-            why = f"unanswered after {self._lost.fallback_s:.0f}s"
-        else:
-            why = "gone from the broker (restarted?)"
+        # a broker that cannot be listed: time is the only evidence
+        why = f"unanswered after {self._lost.fallback_s:.0f}s" if self._lost.by_fallback else LOST_WHY
         log.warning("%d of %d messages in flight are %s; sending them again", len(lost), len(flying), why)
         for task_id in lost:
             self._send(task_id)

@@ -24,7 +24,7 @@ from typing import Protocol
 from mnistq.errors import ConfigError
 from mnistq.protocol import Reply
 from producer.access import Denied, folder_id
-from producer.broker import BrokerUnavailable, Outage
+from producer.broker import BrokerRefused, BrokerUnavailable, Outage
 from producer.csvsink import CsvSink
 from producer.dispatch import MAX_IN_FLIGHT, Dispatcher, Progress
 from producer.events import Hints, Source, source_for
@@ -140,11 +140,15 @@ class Watcher:
         self._observer: Source | None = None
         self._home: tuple[int, int] | None = None  # the inbox folder watched; None: none now
         self._next_home = 0.0
+        self._refused: BrokerRefused | None = None
 
     def run(self) -> Progress:
         """Watch until ``stop`` is set (or, with drain, until the inbox is done); finish the rows
         in hand for up to ``grace_s``. Returns the counts; ``abandoned`` > 0 if it gave up on some."""
         self.inbox.mkdir(parents=True, exist_ok=True)
+        # A broker that is down at start: one warning, now; one that refuses the password: exit 2
+        # (before the events and the collector start, which would meet the same refusal).
+        self._broker_ok(time.monotonic())
         self._home = self.dispatch.home = folder_id(self.inbox)
         self._watch()  # before the collector starts: nothing to undo if this fails
         finished = threading.Event()  # tells the collector that no more results are expected
@@ -152,7 +156,6 @@ class Watcher:
             target=self._collect, args=(finished,), name="mnistq-results", daemon=True
         )
         collector.start()
-        self._broker_ok(time.monotonic())  # a broker that is down at start: one warning, now
         mode = "polling" if self.opts.polling else "events"
         log.info("watching %s (%s)%s", self.inbox, mode, ", drain" if self.opts.drain else "")
         try:
@@ -180,6 +183,8 @@ class Watcher:
         last_log = time.monotonic()
         last_counts = (0, 0, 0, 0)
         while not self.stop.is_set():
+            if self._refused is not None:  # the collector met a refused password
+                raise self._refused
             wait = EVENT_WAIT_S if intake.settling else IDLE_WAIT_S
             got, overflow = hints.take(wait, limit=intake.room)
             if got:
@@ -291,6 +296,9 @@ class Watcher:
                 outage.failed(e)
                 finished.wait(1)
                 continue
+            except BrokerRefused as e:  # the loop stops on it, with exit 2
+                self._refused = e
+                return
             except Exception:  # a bug: the collector must live on; lost answers are resent
                 log.exception("receiving results failed; retrying")
                 finished.wait(1)

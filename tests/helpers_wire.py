@@ -24,8 +24,9 @@ from mnistq.settings import Settings
 class Wire:
     """One client's end of the queue: its own reply list, its tasks' answers by task id."""
 
-    def __init__(self, url: str) -> None:
-        self.app = make_app(Settings(redis_url=url))
+    def __init__(self, url: str, broker_url: str | None = None) -> None:
+        """Replies on ``url``; requests through ``broker_url`` (default: the same Redis)."""
+        self.app = make_app(Settings(redis_url=url, broker_url=broker_url))
         self.redis = redis.Redis.from_url(url, socket_timeout=60)
         self.reply_to = reply_key(uuid.uuid4().hex)
         self.answers: dict[str, list[Reply]] = {}  # task id -> every reply seen, in arrival order
@@ -35,6 +36,8 @@ class Wire:
     ) -> str:
         """Any message at all (hand-made arguments, another serializer); returns its task id."""
         task_id = str(uuid.uuid4())
+        # ignore_result, as producer.Client: else Celery subscribes to each task's result channel
+        options.setdefault("ignore_result", True)
         self.app.send_task(TASK_NAME, args=args, kwargs=kwargs, queue=QUEUE, task_id=task_id, **options)
         return task_id
 

@@ -196,7 +196,8 @@ def test_messages_missing_from_two_looks_are_sent_again_with_one_line(
         assert s.dispatch.tick() == s.paths[:2]
     assert probe.looks == 2
     assert [m for m in caplog.messages if "again" in m] == [
-        "sending 2 files again: their messages were lost (broker restarted?)"
+        "sending 2 files again: their messages are in no queue, no unacked list and no worker's "
+        "answer (a Redis restarted empty, a worker killed as it took them, or workers too busy to answer)"
     ]
     assert lost_id not in s.dispatch._tasks
     # held ones are never sent again, however long they wait; a look that fails decides nothing

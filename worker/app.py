@@ -180,9 +180,10 @@ def classify(self: Task, *args: Any, **kwargs: Any) -> None:
         log.warning("task %s refused: %s", task_id, e)
         reply_to = kwargs.get("reply_to")
         if isinstance(reply_to, str) and is_reply_key(reply_to):
-            # An answer of no results: the sender gives each of its files an error result
-            # (producer/job.py miscounted) rather than sending the message again forever.
-            push_reply(app.backend.client, reply_to, Reply(task_id, []).dumps(), rt.settings.result_expires)
+            # An answer of no results, saying why: the sender gives each of its files an error
+            # result (producer/job.py miscounted) rather than sending the message again forever.
+            reply = Reply(task_id, [], refused=str(e))
+            push_reply(app.backend.client, reply_to, reply.dumps(), rt.settings.result_expires)
         return
     reply_to = request.reply_to
     if reply_to is not None and not is_reply_key(reply_to):

@@ -5,17 +5,27 @@ Celery retries the broker with an ERROR line and "Trying again in N seconds" eac
 configuration sets no limit) at most every ``RETRY_MAX_S`` seconds, and says so through
 ``worker.outage``: one WARNING when the broker is unreachable, a reminder every 30 s, one INFO
 when it is back. Used through Celery's ``worker_consumer`` setting (see worker/app.py).
+
+It also runs our task only (Celery's built-in tasks, ``celery.backend_cleanup`` and the rest,
+are refused like any unknown name), and says in one line why it dropped an entry it could not
+run: Celery logged a page (the body, a traceback) and stored a failure result for an unknown
+name, a ``celery-task-meta-*`` key kept for an hour.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from celery.worker import consumer as celery_consumer
 from celery.worker.state import maybe_shutdown
 
+from mnistq.protocol import TASK_NAME, ExitCode
+from mnistq.redisfaults import credentials_refused, refused_message
 from worker import outage
+
+log = logging.getLogger("mnistq.worker")
 
 #: seconds between reconnect attempts, at most (1, 2, 3, ... then every RETRY_MAX_S)
 RETRY_MAX_S = 5
@@ -32,6 +42,7 @@ class Consumer(celery_consumer.Consumer):
 
         def errback(error: BaseException, interval: float) -> None:
             nonlocal attempt
+            _unless_refused(error, watch.url)
             watch.failed(error, attempt)
             attempt = watch.clock()  # the next attempt begins after this
 
@@ -48,12 +59,54 @@ class Consumer(celery_consumer.Consumer):
         watch.back(attempt)
         return conn
 
+    def update_strategies(self) -> None:
+        super().update_strategies()
+        for name in [n for n in self.strategies if n != TASK_NAME]:
+            del self.strategies[name]  # its messages now go to on_unknown_task
+
+    def _drop(self, message: Any, why: str) -> None:
+        headers = message.headers if isinstance(message.headers, dict) else {}
+        log.warning("message %s dropped: %s", _clip(headers.get("id", message.delivery_tag)), why)
+        message.reject_log_error(log, self.connection_errors)
+
+    def on_unknown_message(self, body: Any, message: Any) -> None:
+        self._drop(message, "not a Celery task message")
+
+    def on_unknown_task(self, body: Any, message: Any, exc: BaseException) -> None:
+        headers = message.headers if isinstance(message.headers, dict) else {}
+        self._drop(message, f"task {_clip(headers.get('task'))} is not {TASK_NAME}, the only task run here")
+
+    def on_invalid_task(self, body: Any, message: Any, exc: BaseException) -> None:
+        self._drop(message, f"not a valid task message ({_clip(exc)})")
+
+    def on_decode_error(self, message: Any, exc: BaseException) -> None:
+        self._drop(message, f"its body cannot be read ({_clip(exc)})")
+
     def on_connection_error_before_connected(self, exc: BaseException) -> None:
+        _unless_refused(exc, outage.broker().url)
         outage.broker().failed(exc)
 
     def on_connection_error_after_connected(self, exc: BaseException) -> None:
+        _unless_refused(exc, outage.broker().url)
         outage.broker().failed(exc)  # in place of Celery's warning, which _Quiet drops
         super().on_connection_error_after_connected(exc)
+
+
+def _unless_refused(error: BaseException, url: str) -> None:
+    """A refused password does not get better by waiting: one line, and the worker exits 2."""
+    if not credentials_refused(error):
+        return
+    log.critical("cannot go on: %s", refused_message(f"the broker at {url}", error))
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    # At once: what it held (nothing, at start) comes back after the visibility timeout.
+    os._exit(ExitCode.CONFIG)
+
+
+def _clip(value: object) -> str:
+    """A received value for a log line: repr'd or said (no line breaks), at most 80 characters."""
+    text = " ".join(str(value).split()) if isinstance(value, BaseException) else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class _Quiet(logging.Filter):

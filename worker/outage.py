@@ -1,4 +1,5 @@
-"""A Redis (broker or results) that went away: one warning, a reminder every 30 s, one "back".
+"""A Redis (broker or results) that went away, or is out of memory: one warning, a reminder every
+30 s, one "back".
 
 Celery and kombu log every failed reconnect (an ERROR line, "Trying again in N seconds", and
 on a lost connection a traceback from each task that touched Redis). The worker reports each
@@ -13,6 +14,8 @@ import time
 from collections.abc import Callable
 
 from kombu.utils.url import maybe_sanitize_url
+
+from mnistq.redisfaults import out_of_memory
 
 log = logging.getLogger("mnistq.worker")
 
@@ -53,14 +56,24 @@ class Outage:
             now = self.clock()
             if self.since is None and started is not None and started < self._back_at:
                 return
+            full = out_of_memory(error)  # it answers, but takes no writes: say that, not "reach"
             if self.since is None:
                 self.since = self._said = now
-                log.warning("cannot reach %s (%s); waiting for it", self.url, _reason(error))
+                if full:
+                    log.warning(
+                        "%s is out of memory: it refuses writes (maxmemory reached, nothing it may "
+                        "evict) (%s); waiting for room",
+                        self.url,
+                        _reason(error),
+                    )
+                else:
+                    log.warning("cannot reach %s (%s); waiting for it", self.url, _reason(error))
             elif now - self._said >= self.every:
                 self._said = now
                 log.warning(
-                    "%s still unreachable after %.0f s (%s); waiting for it",
+                    "%s still %s after %.0f s (%s); waiting for it",
                     self.url,
+                    "out of memory" if full else "unreachable",
                     now - self.since,
                     _reason(error),
                 )

@@ -9,16 +9,22 @@ from typing import Any
 
 import redis
 
+from mnistq.redisfaults import out_of_memory
 from worker import outage
 
 log = logging.getLogger("mnistq.worker")
 
-#: how long a task thread keeps trying to deliver a reply while the results Redis is away:
-#: longer than a Redis restart takes, shorter than the visibility timeout (past it the message is
-#: delivered again elsewhere while this thread still holds it); after that the producer resends
+#: how long a task thread keeps trying to deliver a reply while the results Redis is away (or
+#: full): longer than a Redis restart takes; the message stays this worker's meanwhile (its
+#: delivery time is renewed, worker/redis_transport.py); after that the producer resends
 REPLY_RETRY_S = 20.0
 
-_RETRY_ON = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+#: a Redis away, or at maxmemory with noeviction (it takes no write until memory is freed)
+_RETRY_ON = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.OutOfMemoryError,
+)
 
 
 def push_reply(
@@ -46,9 +52,10 @@ def push_reply(
             watch.failed(e, started)
             if clock() + delay > deadline:
                 log.warning(
-                    "reply to %s dropped: the results Redis was unreachable for %.0f s "
+                    "reply to %s dropped: the results Redis was %s for %.0f s "
                     "(the producer sends lost work again)",
                     key,
+                    "out of memory" if out_of_memory(e) else "unreachable",
                     retry_for,
                 )
                 return False
