@@ -73,12 +73,17 @@ COPY --from=deps /opt/mnistq /opt/mnistq
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY mnistq ./mnistq
+COPY model ./model
 COPY trainer ./trainer
 COPY worker ./worker
 COPY producer ./producer
+COPY api ./api
+COPY report ./report
+COPY app ./app
+COPY testsupport ./testsupport
 COPY model_state.pt ./
 RUN pip install --no-index --no-deps --no-build-isolation -e . \
-    && python3 -c "import mnistq.cli, mnistq.settings"
+    && python3 -c "import app.cli, mnistq.settings"
 
 # Checks the folders a command needs before it starts it (see the script).
 COPY deploy/entrypoint.sh /usr/local/bin/mnistq-entrypoint

@@ -136,7 +136,7 @@ def limit(name: str, paths: list[Path], decode: Callable[[Path], np.ndarray], ba
     channels_last where the hardware runs bf16 natively, as the workers do)."""
     import torch
 
-    from trainer.model import load_checkpoint, pick_device, pick_precision, predict_logits, prepare
+    from model import load_checkpoint, pick_device, pick_precision, predict_logits, prepare
 
     ckpt = load_checkpoint(Settings.from_env().model)
     device = pick_device("auto")

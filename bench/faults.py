@@ -7,7 +7,7 @@ exactly one row per file, none missing, every row whole and naming the place its
 nothing left in the inbox, nothing in done/ or failed/ without its row, and the accuracy
 against the labels. It never fails on speed; it exits 1 if a file lost or doubled its row.
 
-Stacks: ``watch`` is `mnistq watch` + 2 workers (``mnistq.supervisor.worker_command``, one
+Stacks: ``watch`` is `mnistq watch` + 2 workers (``app.supervisor.worker_command``, one
 torch thread each) on an embedded Redis with no persistence; ``run`` is `mnistq run --workers 2`.
 Settings are the defaults (visibility timeout 30 s, a resend after two looks 5 s apart) but
 one: messages of 64 files (MNISTQ_MESSAGE_SIZE; 256 by default), so that most of the burst
@@ -59,11 +59,11 @@ from pathlib import Path
 from common import DATA, REPO, export_pngs, label_of, table
 from common import rows as lines
 
-from mnistq.embedded import EmbeddedRedis, die_with_parent
-from mnistq.supervisor import worker_command
-from producer.csvsink import unescaped
+from app.embedded import EmbeddedRedis, die_with_parent
+from app.supervisor import worker_command
+from mnistq.csvcell import unescaped
 
-MNISTQ = [sys.executable, "-c", "import sys; from mnistq.cli import main; sys.exit(main())"]
+MNISTQ = [sys.executable, "-c", "import sys; from app.cli import main; sys.exit(main())"]
 #: the longest wait for the last row after a fault (a scenario stays under ~2 minutes)
 WAIT_S = 100.0
 #: after the last row: time for a late duplicate to show

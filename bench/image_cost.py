@@ -88,7 +88,7 @@ def worker_peak(tree: Path, files: list[Path], folder: Path) -> int:
     (folder / "inbox").mkdir(parents=True)
     for i, f in enumerate(files):
         shutil.copy(f, folder / "inbox" / f"{i}-{f.name}")
-    cmd = [sys.executable, "-c", "import sys; from mnistq.cli import main; sys.exit(main())"]
+    cmd = [sys.executable, "-c", "import sys; from app.cli import main; sys.exit(main())"]
     run = subprocess.Popen(
         [*cmd, "run", "--drain", "--workers", "1"],
         cwd=folder,

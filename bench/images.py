@@ -9,7 +9,7 @@ Rows, per image: PIL's ``Image.open(path).convert("L")`` + ``np.asarray`` (the u
 worker's path check (``checked_path``: Python's resolve before, realpath(3) now); our open
 (the O_NOFOLLOW walk before, openat2 now); the decode to luminance; ``normalise`` and each of
 its steps, the reference and the fast path; ``load_image`` whole: another tree's own
-(``--before``), the reference (mnistq/images_reference.py) and now; ``load_images`` (a batch of
+(``--before``), the reference (testsupport/images_reference.py) and now; ``load_images`` (a batch of
 256 paths; small 8-bit images of one size normalised as a stack); and a worker's per-file work,
 path check included.
 
@@ -39,11 +39,11 @@ from common import DATA, export_pngs, table
 from PIL import Image, ImageFilter
 
 import mnistq.images as mi
-import mnistq.images_reference as ir
 import mnistq.normalise as nz
 import mnistq.safeopen
+import testsupport.images_reference as ir
+from testsupport.photos import photograph
 from trainer.data import load_split
-from trainer.photos import photograph
 from worker.paths import checked_path
 
 Row = tuple[str, Callable[[Any], object], Sequence[Any], int]  # name, fn, items, images in them

@@ -42,7 +42,7 @@ def child(mode: str, batch: int, passes: int, big: int) -> dict[str, float]:
     import torch
     from PIL import Image
 
-    from trainer.model import Net
+    from model import Net
     from worker.heap import HeapTrimmer
 
     heap = HeapTrimmer()

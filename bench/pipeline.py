@@ -80,7 +80,7 @@ class Run:
         env["MNISTQ_LOG_LEVEL"] = "WARNING"
         if config.threads:
             env["MNISTQ_THREADS"] = str(config.threads)
-        cmd = [sys.executable, "-c", "import sys; from mnistq.cli import main; sys.exit(main())"]
+        cmd = [sys.executable, "-c", "import sys; from app.cli import main; sys.exit(main())"]
         self.proc = subprocess.Popen(
             [*cmd, "run", "--workers", str(config.workers)],
             cwd=folder,

@@ -30,9 +30,7 @@ from PIL import Image
 
 from mnistq.images import load_image
 from mnistq.settings import Settings
-from trainer.calibrate import ece, to_review
-from trainer.data import load_split
-from trainer.model import (
+from model import (
     Calibration,
     Checkpoint,
     load_checkpoint,
@@ -41,7 +39,9 @@ from trainer.model import (
     predict_logits,
     prepare,
 )
-from trainer.photos import photograph
+from testsupport.photos import photograph
+from trainer.calibrate import ece, to_review
+from trainer.data import load_split
 
 
 def seed_preprocess(path: Path) -> np.ndarray:

@@ -17,9 +17,9 @@ from pathlib import Path
 
 from common import DATA, REPO, cores, export_pngs, in_process, label_of, table
 
-from mnistq.embedded import EmbeddedRedis
-from mnistq.supervisor import worker_command
-from producer import Client
+from api import Client
+from app.embedded import EmbeddedRedis
+from app.supervisor import worker_command
 
 
 def rss_mb(pid: int) -> float:

@@ -1,7 +1,7 @@
 """Time one epoch of `mnistq train` against one epoch of the seed's own training loop.
 
 The seed loop is written out here as the original had it: torchvision's MNIST dataset with
-ToTensor, a DataLoader of batch 64 with shuffling, the same layers (trainer.model.Net), Adam at
+ToTensor, a DataLoader of batch 64 with shuffling, the same layers (model.Net), Adam at
 lr 1e-3, cross-entropy, fp32. Both sides are timed from the start (data loading included) to a
 test-set accuracy after the epoch, on the same device, in the same process. A third row times
 the seed's fp32 training steps alone (random batches, no data loading): the share of the seed's
@@ -25,8 +25,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 import trainer.train as our_train
+from model import Net, pick_device, pick_precision
 from trainer import data
-from trainer.model import Net, pick_device, pick_precision
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -7,7 +7,7 @@ and decoded: nothing swapped in after a caller's check is read. Only the formats
 are decoded, and big images are decoded small (MIN_SIDE).
 
 ``load_image`` reads one file; ``load_images`` reads a batch and normalises its small 8-bit
-images of one size together (``normalise_many``). mnistq/images_reference.py keeps the
+images of one size together (``normalise_many``). testsupport/images_reference.py keeps the
 definition both are held to (tests/test_images_fast.py).
 """
 
@@ -182,7 +182,7 @@ def read_luminance(
     walk: bool = False,
 ) -> np.ndarray:
     """The file's luminance (see ``to_luminance``), or ImageError with the reason; ``walk``: see
-    ``open_checked``. ``to`` decodes (mnistq/images_reference.py passes its ``to_gray``)."""
+    ``open_checked``. ``to`` decodes (testsupport/images_reference.py passes its ``to_gray``)."""
     with open_checked(path, walk) as fp:
         im = open_image(fp, max_pixels)
         try:

@@ -16,10 +16,15 @@ so any side may import it.
 from __future__ import annotations
 
 import json
+import logging
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from enum import IntEnum, StrEnum
 from typing import Any
+
+#: miscounted() speaks for its callers, the producer's dispatch and the API's Job
+_log = logging.getLogger("mnistq.producer")
 
 QUEUE = "mnistq"
 TASK_NAME = "mnistq.classify"
@@ -234,3 +239,18 @@ CSV_COLUMNS = (
     "path", "digit", "confidence", "model_version", "error", "error_kind", "id", "finished_at", "moved_to",
     "review",
 )  # fmt: skip
+
+
+def miscounted(reply: Reply, paths: Sequence[str], ids: Sequence[str | None]) -> list[Result] | None:
+    """Error results for every path of a reply whose count does not match the request (a worker
+    bug: which result belongs to which path cannot be trusted), or of a message the worker refused
+    whole; None when the count is right."""
+    if reply.refused is not None:
+        message = f"refused by the worker: {reply.refused}"
+        _log.warning("task %s %s; every file of it gets an error row", reply.task_id, message)
+        return [Result.failed(p, ErrorKind.REFUSED, message, i) for p, i in zip(paths, ids, strict=True)]
+    if len(reply.results) == len(paths):
+        return None
+    message = f"internal error: the worker answered {len(reply.results)} results for {len(paths)} files"
+    _log.warning("task %s: %s; every file of it gets an error row", reply.task_id, message)
+    return [Result.failed(p, ErrorKind.INTERNAL, message, i) for p, i in zip(paths, ids, strict=True)]

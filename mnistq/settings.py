@@ -2,7 +2,7 @@
 
 Every process (worker, producer, CLI) builds it with ``Settings.from_env()``; nothing else in
 the project reads ``os.environ`` for configuration. The one other source is the state file of a
-running `mnistq run` (see :class:`Settings` and :func:`write_run_state`).
+running `mnistq run` (see :class:`Settings` and app/runstate.py, which writes it).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -105,7 +104,7 @@ class Settings:
     `mnistq run` whose CSV is in the same folder as this CSV (MNISTQ_CSV, default
     ``results.csv`` in the current folder): it records its embedded Redis's URL in
     ``.mnistq-run.json`` there while it runs, so `mnistq status`, `mnistq classify`, an extra
-    `mnistq worker` and ``producer.Client()`` started beside it need no REDIS_URL. The file
+    `mnistq worker` and ``api.Client()`` started beside it need no REDIS_URL. The file
     names the run's process (pid and start time); a file whose process is gone (a killed run) is
     ignored, the next run replaces it, and a clean stop removes it.
     """
@@ -140,7 +139,7 @@ class Settings:
     #: seconds before a lost worker's unacknowledged messages are delivered again
     visibility_timeout: int = field(default=30, metadata=_env("MNISTQ_VISIBILITY_TIMEOUT", _int))
     #: seconds after which unanswered work is sent again where the broker's queue cannot be
-    #: listed (RabbitMQ); on Redis, lost work is found by looking (see producer/evidence.py)
+    #: listed (RabbitMQ); on Redis, lost work is found by looking (see mnistq/evidence.py)
     resend_after_s: float = field(default=45.0, metadata=_env("MNISTQ_RESEND_AFTER_S", _float))
     #: producers: seconds a file's size and time must stand still before it counts as complete
     #: where no event says so (--polling; a file found already there, or hard-linked in)
@@ -250,7 +249,7 @@ def run_state_path(csv: Path) -> Path:
     return csv.expanduser().absolute().parent / RUN_STATE_NAME
 
 
-def _started(pid: int) -> int | None:
+def process_started(pid: int) -> int | None:
     """When a process started (clock ticks since boot; Linux), to tell a recycled pid apart."""
     try:
         return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
@@ -265,7 +264,7 @@ def _alive(pid: int, started: int | None) -> bool:
         return False
     except PermissionError:  # another user's process: alive
         pass
-    return started is None or _started(pid) in (None, started)
+    return started is None or process_started(pid) in (None, started)
 
 
 def read_run_state(csv: Path) -> str | None:
@@ -278,35 +277,3 @@ def read_run_state(csv: Path) -> str | None:
     if not (isinstance(url, str) and url and isinstance(pid, int) and pid > 0 and _alive(pid, started)):
         return None
     return url
-
-
-def write_run_state(csv: Path, url: str) -> Path | None:
-    """Record ``url`` for this process beside ``csv`` (atomically); the path, None if it failed."""
-    path = run_state_path(csv)
-    state = {"url": url, "pid": os.getpid(), "started": _started(os.getpid())}
-    try:
-        # A reader sees the old file or the new one, never half of one.
-        fd, tmp = tempfile.mkstemp(prefix=RUN_STATE_NAME, dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(state, f)
-            os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from other users' `mnistq status`
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-    except OSError as e:  # only the finding of this run is lost: the run itself goes on
-        log.warning(
-            "could not record this run's Redis in %s (%s); set REDIS_URL=%s to reach it", path, e, url
-        )
-        return None
-    return path
-
-
-def remove_run_state(path: Path) -> None:
-    """Remove a state file this process wrote (not one a later run has put in its place)."""
-    try:
-        if json.loads(path.read_text(encoding="utf-8")).get("pid") == os.getpid():
-            path.unlink()
-    except (OSError, ValueError, AttributeError):
-        pass

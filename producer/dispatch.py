@@ -11,7 +11,7 @@ One file's way through it:
    flight. A file replaced under the same name meanwhile stays, and ``on_replaced`` reports it
    as new work. While the disk refuses the rows, ``room()`` is 0: no new work is taken.
 3. ``tick()`` (the loop, every turn): retries rows the disk refused, and takes back the files
-   of messages that are lost (producer/evidence.py: missing from the broker and the workers in
+   of messages that are lost (mnistq/evidence.py: missing from the broker and the workers in
    two looks some seconds apart, or unanswered for ``resend_s`` where the broker cannot be
    listed); the caller sends them again, and the first answer writes the row.
 
@@ -30,12 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from mnistq.protocol import ErrorKind, Reply, Result
+from mnistq.broker import BrokerRefused
+from mnistq.evidence import LOST_WHY, Lookout, LostWork, NoProbe
+from mnistq.protocol import ErrorKind, Reply, Result, miscounted
 from producer.access import Denied, blocking_folder, folder_id
-from producer.broker import BrokerRefused
-from producer.client import miscounted
 from producer.csvsink import CsvSink
-from producer.evidence import LOST_WHY, Lookout, LostWork, NoProbe
 from producer.finish import RETRY_S, Answer, Finisher, Landed
 from producer.inbox import file_id, identity, lstat
 

@@ -40,9 +40,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from mnistq.csvcell import escapings, unescaped
 from mnistq.protocol import ErrorKind, Result
 from producer.access import Denied, blocking_folder, folder_id, unreadable
-from producer.csvsink import CsvSink, escapings, unescaped
+from producer.csvsink import CsvSink
 from producer.inbox import DISK_ERRNOS, file_id, identity, lstat, remove, target
 from producer.place import lstat_placed, place, unlink_strays, unplace
 

@@ -16,13 +16,10 @@ import struct
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from producer.hints import Hints
 from producer.inbox import wanted
 from producer.intake import EventKind
-
-if TYPE_CHECKING:
-    from producer.events import Hints
 
 log = logging.getLogger("mnistq.producer")
 

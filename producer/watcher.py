@@ -21,14 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from mnistq.broker import BrokerRefused, BrokerUnavailable, Outage
 from mnistq.errors import ConfigError
+from mnistq.evidence import lost_work_for
 from mnistq.protocol import Reply
 from producer.access import Denied, folder_id
-from producer.broker import BrokerRefused, BrokerUnavailable, Outage
 from producer.csvsink import CsvSink
 from producer.dispatch import MAX_IN_FLIGHT, Dispatcher, Progress
 from producer.events import Hints, Source, source_for
-from producer.evidence import lost_work_for
 from producer.finish import review_dir_for
 from producer.inbox import scan
 from producer.intake import EventKind, Intake
@@ -56,7 +56,7 @@ DENIED_RESCAN_S = 5.0
 
 
 class Connection(Protocol):
-    """What the watcher needs of a Client (producer/client.py)."""
+    """What the watcher needs of a Client (api/client.py)."""
 
     outage: Outage  # says when the broker goes away and comes back, in a few lines
 
@@ -90,7 +90,7 @@ class WatchOptions:
     settle_s: float = 1.0
     rescan_s: float = 30.0
     #: where the broker cannot be listed, unanswered work is sent again after this long
-    #: (settings.resend_after_s); on Redis, lost work is found by looking (producer/evidence.py)
+    #: (settings.resend_after_s); on Redis, lost work is found by looking (mnistq/evidence.py)
     resend_s: float = 45.0
     grace_s: float = 60.0  # on stop, how long to wait for the rows of files in flight
 

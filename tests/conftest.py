@@ -20,7 +20,7 @@ import redis
 from helpers_images import DIGITS, SHIPPED_MODEL, digit_image
 from PIL import Image
 
-from mnistq.supervisor import worker_command
+from app.supervisor import worker_command
 
 if TYPE_CHECKING:
     from helpers_run import Run
@@ -34,7 +34,7 @@ def redis_server() -> Iterator[str]:
     if os.environ.get("REDIS_URL"):
         yield os.environ["REDIS_URL"]
         return
-    from mnistq.embedded import EmbeddedRedis
+    from app.embedded import EmbeddedRedis
 
     server = EmbeddedRedis()
     try:

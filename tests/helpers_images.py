@@ -109,7 +109,7 @@ def mnistq_command() -> list[str]:
     exe = shutil.which("mnistq", path=str(Path(sys.executable).parent)) or shutil.which("mnistq")
     if exe:
         return [exe]
-    return [sys.executable, "-c", "import sys; from mnistq.cli import main; sys.exit(main())"]
+    return [sys.executable, "-c", "import sys; from app.cli import main; sys.exit(main())"]
 
 
 def run_mnistq(

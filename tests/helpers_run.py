@@ -20,7 +20,7 @@ import pytest
 from conftest import write_digits
 from helpers_images import SHIPPED_MODEL
 
-MNISTQ = [sys.executable, "-c", "import sys; from mnistq.cli import main; sys.exit(main())"]
+MNISTQ = [sys.executable, "-c", "import sys; from app.cli import main; sys.exit(main())"]
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:

@@ -1,4 +1,4 @@
-"""Talking to a real worker through the protocol alone (mnistq/protocol.py), not producer.Client.
+"""Talking to a real worker through the protocol alone (mnistq/protocol.py), not api.Client.
 
 Requests go out with Celery's ``send_task(TASK_NAME, kwargs=ClassifyRequest(...).to_kwargs())``;
 replies come back on a reply list read with Redis BLPOP. So the worker's tests check the
@@ -36,7 +36,7 @@ class Wire:
     ) -> str:
         """Any message at all (hand-made arguments, another serializer); returns its task id."""
         task_id = str(uuid.uuid4())
-        # ignore_result, as producer.Client: else Celery subscribes to each task's result channel
+        # ignore_result, as api.Client: else Celery subscribes to each task's result channel
         options.setdefault("ignore_result", True)
         self.app.send_task(TASK_NAME, args=args, kwargs=kwargs, queue=QUEUE, task_id=task_id, **options)
         return task_id

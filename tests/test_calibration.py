@@ -13,9 +13,9 @@ from helpers_images import DIGITS, digit_image, make_tiny_mnist, run_mnistq
 from PIL import Image
 
 import trainer.train as train_module
+from model import Calibration, load_checkpoint, predict_logits, save_checkpoint, weights_version
 from trainer import calibrate, data
 from trainer.calibrate import choose_thresholds, ece, fit_temperature, nll, to_review
-from trainer.model import Calibration, load_checkpoint, predict_logits, save_checkpoint, weights_version
 
 CLI_TIMEOUT = pytest.mark.timeout(180)
 

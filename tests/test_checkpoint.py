@@ -12,7 +12,7 @@ from helpers_images import SHIPPED_MODEL, run_mnistq
 
 from mnistq.errors import ModelError
 from mnistq.protocol import ExitCode
-from trainer.model import ARCH, load_checkpoint, save_checkpoint
+from model import ARCH, load_checkpoint, save_checkpoint
 
 CLI_TIMEOUT = pytest.mark.timeout(120)
 

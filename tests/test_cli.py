@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mnistq.cli import COMMANDS
+from app.cli import COMMANDS
 from mnistq.protocol import ExitCode
 
 pytestmark = pytest.mark.timeout(120)
@@ -19,7 +19,7 @@ DEAD_URL = "redis://:secret@127.0.0.1:9/0"
 
 def mnistq(cwd: Path, *args: str, code: str = "pass", **env: str) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if k != "REDIS_URL" and not k.startswith("MNISTQ_")}
-    argv = [sys.executable, "-c", f"import sys; import mnistq.cli as c; {code}; sys.exit(c.main())", *args]
+    argv = [sys.executable, "-c", f"import sys; import app.cli as c; {code}; sys.exit(c.main())", *args]
     return subprocess.run(argv, cwd=cwd, env={**base, **env}, capture_output=True, text=True, timeout=90)
 
 

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 from conftest import WorkerProc, fresh_db, write_digits
 
-from mnistq.embedded import EmbeddedRedis
+from app.embedded import EmbeddedRedis
 from mnistq.protocol import ExitCode
 
 pytestmark = pytest.mark.timeout(180)
-MNISTQ = [sys.executable, "-c", "import sys; from mnistq.cli import main; sys.exit(main())"]
+MNISTQ = [sys.executable, "-c", "import sys; from app.cli import main; sys.exit(main())"]
 
 
 def dead_url(password: str = "hunter2") -> str:
@@ -189,9 +189,9 @@ def test_watch_waits_for_a_dead_broker_in_a_few_lines_and_then_works(tmp_path: P
 def test_log_lines_go_above_the_progress_bar(capsys: pytest.CaptureFixture[str]) -> None:
     from tqdm import tqdm
 
-    from producer.cli import _logs_above
+    from app.watch import _logs_above
 
-    handler = logging.StreamHandler(sys.stderr)  # what mnistq/cli.py's basicConfig installs
+    handler = logging.StreamHandler(sys.stderr)  # what app/cli.py's basicConfig installs
     root = logging.getLogger()
     root.addHandler(handler)
     bar = tqdm(total=2, desc="results", disable=False, file=sys.stderr)

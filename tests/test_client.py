@@ -14,17 +14,17 @@ from pathlib import Path
 import pytest
 from conftest import WorkerProc, fresh_db, write_digits
 
-import producer.job
-from mnistq.embedded import EmbeddedRedis
+import api.job
+from api import Client, Job, ResultTimeout
+from api.client import NoWorker
+from app.embedded import EmbeddedRedis
+from mnistq.broker import BrokerUnavailable
 from mnistq.errors import ConfigError
 from mnistq.protocol import ExitCode
 from mnistq.settings import Settings
-from producer import Client, Job, ResultTimeout
-from producer.broker import BrokerUnavailable
-from producer.client import NoWorker
 
 pytestmark = pytest.mark.timeout(180)
-MNISTQ = [sys.executable, "-c", "import sys; from mnistq.cli import main; sys.exit(main())"]
+MNISTQ = [sys.executable, "-c", "import sys; from app.cli import main; sys.exit(main())"]
 
 
 def test_no_worker_is_named_when_results_are_late(
@@ -32,7 +32,7 @@ def test_no_worker_is_named_when_results_are_late(
 ) -> None:
     url = fresh_db(redis_server)
     files = write_digits(tmp_path, 2)
-    monkeypatch.setattr(producer.job, "LATE_S", 0.5)  # a wait says so before the timeout
+    monkeypatch.setattr(api.job, "LATE_S", 0.5)  # a wait says so before the timeout
     caplog.set_level(logging.WARNING, "mnistq.producer")
     with Client(url, settings=Settings(redis_url=url)) as client, pytest.raises(NoWorker) as err:
         client.classify(list(files), timeout=4)

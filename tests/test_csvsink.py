@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from mnistq.csvcell import escape, escapings, unescaped
 from mnistq.errors import ConfigError
 from mnistq.protocol import CSV_COLUMNS, ErrorKind, Result
-from producer.csvsink import CsvSink, escape, escapings, unescaped
+from producer.csvsink import CsvSink
 
 OLD_HEADER = "path,digit,confidence,model_version,error,id,finished_at"
 
@@ -281,7 +282,7 @@ def test_an_unfinished_end_longer_than_a_row_stops_the_start_and_is_kept(tmp_pat
 
 
 def test_the_report_counts_every_row_of_a_hand_edited_csv(tmp_path: Path) -> None:
-    from producer.tally import read
+    from report.tally import read
 
     out = tmp_path / "r.csv"
     lines = _ledger_of(out, 70)

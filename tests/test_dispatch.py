@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from app.watch import final_line
+from mnistq.evidence import LostWork
 from mnistq.protocol import ErrorKind, Reply, Result
-from producer.cli import final_line
 from producer.csvsink import CsvSink
 from producer.dispatch import Dispatcher, Progress
-from producer.evidence import LostWork
 from producer.inbox import file_id
 
 

@@ -15,7 +15,7 @@ from helpers_images import DIGITS, SHIPPED_MODEL, digit_image
 from test_review import write_checkpoint
 
 from mnistq.settings import Settings
-from trainer.model import Calibration, bf16_supported, load_checkpoint, pick_device, predict_logits, prepare
+from model import Calibration, bf16_supported, load_checkpoint, pick_device, predict_logits, prepare
 from worker.engine import Batcher, Engine, Prediction
 
 pytestmark = pytest.mark.timeout(60)

@@ -1,4 +1,4 @@
-"""Finding lost work by looking (producer/evidence.py), against a real Redis and kombu's layout."""
+"""Finding lost work by looking (mnistq/evidence.py), against a real Redis and kombu's layout."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import redis
 from conftest import fresh_db
 
 from mnistq.celeryconf import make_app
+from mnistq.evidence import Lookout, LostWork, NoProbe, RedisProbe, lost_work_for
 from mnistq.protocol import QUEUE, TASK_NAME, ClassifyRequest
 from mnistq.settings import Settings
-from producer.evidence import Lookout, LostWork, NoProbe, RedisProbe, lost_work_for
 
 pytestmark = pytest.mark.timeout(60)
 

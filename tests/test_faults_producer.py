@@ -24,15 +24,16 @@ import redis
 from conftest import WorkerProc, no_dac, write_digits
 from test_row_and_move import deep_file
 
-from mnistq.embedded import EmbeddedRedis
+from api.client import Client
+from app.embedded import EmbeddedRedis
+from mnistq.csvcell import unescaped
 from mnistq.protocol import QUEUE
 from mnistq.settings import Settings
 from producer import inbox
-from producer.client import Client
-from producer.csvsink import CsvSink, unescaped
+from producer.csvsink import CsvSink
 from producer.watcher import Watcher, WatchOptions
 
-MNISTQ = [sys.executable, "-c", "import sys; from mnistq.cli import main; sys.exit(main())"]
+MNISTQ = [sys.executable, "-c", "import sys; from app.cli import main; sys.exit(main())"]
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
@@ -334,7 +335,7 @@ def test_a_permission_lost_mid_burst_is_said_once_and_the_files_get_their_rows_w
     permission is back (issue 25, 17)."""
     import conftest
 
-    from mnistq.supervisor import worker_command
+    from app.supervisor import worker_command
 
     prefix = no_dac()
     monkeypatch.setattr(conftest, "worker_command", lambda *a: [*prefix, *worker_command(*a)])

@@ -14,12 +14,12 @@ from helpers_images import SHIPPED_MODEL, digit_image
 from PIL import Image
 
 import mnistq.images
-import mnistq.images_reference
 import mnistq.safeopen
+import testsupport.images_reference
 from mnistq.errors import ImageError
 from mnistq.images import FORMATS, MIN_SIDE, load_image
 from mnistq.protocol import EXTENSIONS, ErrorKind
-from trainer.model import load_checkpoint, predict_probs
+from model import load_checkpoint, predict_probs
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -180,7 +180,7 @@ def test_openat2_and_the_walk_say_the_same(tmp_path: Path, monkeypatch) -> None:
         "refused: a folder on its path is a symbolic link (links are not followed)",
         "refused: not a regular file",
     ]
-    for read in (mnistq.images.load_image, mnistq.images_reference.load_image_reference):
+    for read in (mnistq.images.load_image, testsupport.images_reference.load_image_reference):
         with pytest.raises(ValueError, match="null byte"):  # as os.open has always said
             read(str(real / "two.png") + "\0")
 

@@ -18,7 +18,7 @@ from PIL import Image, ImageFile
 from mnistq.errors import ImageError
 from mnistq.images import load_image
 from mnistq.protocol import ErrorKind, ExitCode
-from trainer.model import load_checkpoint, predict_probs
+from model import load_checkpoint, predict_probs
 
 CLI_TIMEOUT = pytest.mark.timeout(120)
 

@@ -4,7 +4,7 @@
 
 Always run: a few hundred synthetic digits from a tiny IDX set, and the edge cases. With the real
 MNIST files (``slow``): all 10,000 test images as PNG files, and digits "photographed" as
-bench/realworld.py makes them (trainer/photos.py).
+bench/realworld.py makes them (testsupport/photos.py).
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ from helpers_images import REAL_DATA, SHIPPED_MODEL, digit_image, make_tiny_mnis
 from PIL import Image, ImageFilter
 
 import mnistq.images as mi
-import mnistq.images_reference as ir
 import mnistq.normalise as nz
+import testsupport.images_reference as ir
 from mnistq.errors import ImageError
 from mnistq.protocol import ErrorKind
+from model import load_checkpoint, predict_probs
+from testsupport.photos import photograph
 from trainer import data
-from trainer.model import load_checkpoint, predict_probs
-from trainer.photos import photograph
 
 #: What the fast paths may differ from the reference by. They compute its values bit for bit
 #: here (observed: 0.0 on all 10,000 MNIST test PNGs), so this only allows for another numpy.

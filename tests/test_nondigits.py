@@ -10,9 +10,9 @@ from helpers_images import DIGITS, SHIPPED_MODEL, digit_image
 
 from mnistq.errors import ImageError
 from mnistq.images import normalise
+from model import load_checkpoint, predict_logits
 from trainer import nondigits
 from trainer.calibrate import to_review
-from trainer.model import load_checkpoint, predict_logits
 
 
 def _digits(n: int = 40, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

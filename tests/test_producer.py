@@ -19,9 +19,9 @@ from helpers_images import digit_image
 from helpers_run import MNISTQ, read_rows
 from PIL import Image
 
+from api import Client
 from mnistq.protocol import ErrorKind, ExitCode, Reply, Result
 from mnistq.settings import Settings
-from producer import Client
 from producer.csvsink import CsvSink
 from producer.events import Hints
 from producer.inotify import InotifyHints

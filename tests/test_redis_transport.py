@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from kombu import Connection, Exchange, Queue
 
-from mnistq.embedded import EmbeddedRedis
+from app.embedded import EmbeddedRedis
 
 pytestmark = pytest.mark.timeout(60)
 STOCK = "kombu.transport.redis:Transport"  # by path: the worker's install() re-aliases "redis"

@@ -25,8 +25,8 @@ from PIL import Image, ImageStat
 
 from mnistq.errors import ConfigError
 from mnistq.protocol import CSV_COLUMNS
-from producer.report import write_report
-from producer.tally import TILES
+from report.report import write_report
+from report.tally import TILES
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -209,7 +209,7 @@ def test_a_persons_mistake_is_one_line_and_exit_2(
 
 def test_only_writing_a_report_loads_matplotlib_and_nothing_loads_torch() -> None:
     code = (
-        "import sys, producer.cli, producer.report, mnistq.cli; "
+        "import sys, app.watch, report.report, app.cli; "
         "print(sorted(m for m in ('matplotlib', 'torch') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

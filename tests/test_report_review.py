@@ -15,9 +15,9 @@ from helpers_browser import browse, needs_browser, tiles, write_csv
 from PIL import Image
 
 from mnistq.protocol import CSV_COLUMNS
-from producer.report import percent, write_report
-from producer.sheet import names
-from producer.tally import REVIEW_TILES, read
+from report.report import percent, write_report
+from report.sheet import names
+from report.tally import REVIEW_TILES, read
 
 pytestmark = pytest.mark.timeout(240)
 LONG = "customer_upload_2024-05-01T12-30-00_scanner-7_page0012_item03.png"

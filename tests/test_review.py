@@ -2,7 +2,7 @@
 it, the producer puts the file in review/ and says why in the ``review`` column.
 
 Real Redis, real worker, watcher and `mnistq run` processes, real files. What each file should
-get is worked out here with the same checkpoint (``trainer.model``), so the tests hold for any
+get is worked out here with the same checkpoint (``model``), so the tests hold for any
 shipped model: thresholds are put in the widest gap between the images' own figures.
 """
 
@@ -24,13 +24,13 @@ from helpers_images import SHIPPED_MODEL
 from helpers_run import MNISTQ, Run, read_rows, run_env, wait_rows
 from PIL import Image, ImageDraw, ImageFont
 
+from api import Client
 from mnistq.errors import ConfigError
 from mnistq.images import load_image, normalise
 from mnistq.protocol import CSV_COLUMNS, ClassifyRequest, ExitCode, Result, ReviewReason
 from mnistq.settings import Settings
-from producer import Client
+from model import Calibration, load_checkpoint, pick_device, predict_logits, prepare, save_checkpoint
 from producer.csvsink import CsvSink
-from trainer.model import Calibration, load_checkpoint, pick_device, predict_logits, prepare, save_checkpoint
 
 pytestmark = pytest.mark.timeout(240)
 NOT_DIGIT, LOW = ReviewReason.NOT_DIGIT.value, ReviewReason.LOW_CONFIDENCE.value

@@ -21,7 +21,7 @@ from helpers_run import MNISTQ, Run, children, gone, read_rows, run_env, wait_ro
 
 from mnistq.protocol import ExitCode
 from mnistq.settings import RUN_STATE_NAME, Settings
-from trainer.model import load_checkpoint
+from model import load_checkpoint
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -175,7 +175,7 @@ def test_commands_beside_a_run_find_its_redis_and_a_second_run_is_refused(
     assert status.returncode == 0, status.stderr
     info = json.loads(status.stdout)
     assert info["broker"] == url and [w.split("@")[0] for w in info["workers"]] == ["mnistq0"]
-    api = "import sys; from producer import Client; r = Client().classify(sys.argv[1:], timeout=60)[0]; print(r.digit)"
+    api = "import sys; from api import Client; r = Client().classify(sys.argv[1:], timeout=60)[0]; print(r.digit)"
     out = subprocess.run(
         [sys.executable, "-c", api, str(picture)],
         cwd=tmp_path,

@@ -19,7 +19,7 @@ import worker.runtime
 from mnistq.images import load_image
 from mnistq.protocol import FALLBACK_REVIEW_BELOW, ClassifyRequest, ErrorKind, ReviewReason
 from mnistq.settings import Settings
-from trainer.model import load_checkpoint
+from model import load_checkpoint
 from worker.engine import Prediction
 from worker.runtime import Runtime, Throughput, classify_paths
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from app.runstate import remove_run_state, write_run_state
 from mnistq.errors import ConfigError
 from mnistq.protocol import ExitCode
 from mnistq.settings import (
@@ -17,9 +18,7 @@ from mnistq.settings import (
     RUN_STATE_NAME,
     Settings,
     read_run_state,
-    remove_run_state,
     run_state_path,
-    write_run_state,
 )
 
 

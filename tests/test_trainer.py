@@ -10,8 +10,7 @@ import pytest
 import torch
 from helpers_images import REAL_DATA, SHIPPED_MODEL, make_tiny_mnist, run_mnistq
 
-from trainer import data
-from trainer.model import (
+from model import (
     ARCH,
     Calibration,
     Net,
@@ -23,6 +22,7 @@ from trainer.model import (
     prepare,
     weights_version,
 )
+from trainer import data
 
 CLI_TIMEOUT = pytest.mark.timeout(120)
 HAVE_REAL_DATA = all(

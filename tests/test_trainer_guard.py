@@ -13,8 +13,8 @@ from helpers_images import SHIPPED_MODEL, make_tiny_mnist, run_mnistq
 
 from mnistq.errors import ConfigError
 from mnistq.protocol import ExitCode
+from model import load_checkpoint, save_checkpoint
 from trainer import data
-from trainer.model import load_checkpoint, save_checkpoint
 from trainer.publish import KEPT_EXIT, beside
 from trainer.train import main as train_main
 

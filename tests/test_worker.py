@@ -16,7 +16,7 @@ from helpers_images import SHIPPED_MODEL
 from helpers_wire import Wire, wait_for
 
 from mnistq.protocol import ErrorKind, ExitCode, reply_key
-from trainer.model import load_checkpoint, pick_device
+from model import load_checkpoint, pick_device
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -97,7 +97,7 @@ def test_reply_to_that_is_not_a_reply_key_is_refused(shared_worker: WorkerProc) 
 
 def test_malformed_requests_are_refused_with_a_warning(shared_worker: WorkerProc) -> None:
     """Refused, and answered with no results where a reply list is named: the sender then gives
-    its files error results (producer/job.py miscounted) instead of sending them forever."""
+    its files error results (mnistq/protocol.py miscounted) instead of sending them forever."""
     root: Path = shared_worker.root  # type: ignore[attr-defined]
     paths = [str(p) for p in write_digits(root / "malformed", 2)]
     with Wire(shared_worker.url) as wire:
@@ -155,7 +155,7 @@ def test_bad_checkpoint_fails_the_start_loudly(
 
 
 def _mnistq(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-c", "import sys; from mnistq.cli import main; sys.exit(main())", *args]
+    cmd = [sys.executable, "-c", "import sys; from app.cli import main; sys.exit(main())", *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
 
 

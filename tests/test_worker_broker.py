@@ -17,12 +17,12 @@ from conftest import WorkerProc, write_digits
 from helpers_images import SHIPPED_MODEL
 from helpers_wire import Wire, wait_for
 
-from mnistq.embedded import EmbeddedRedis
+from app.embedded import EmbeddedRedis
 from mnistq.protocol import ExitCode
 
 pytestmark = pytest.mark.timeout(180)
 
-MNISTQ = [sys.executable, "-c", "import sys; from mnistq.cli import main; sys.exit(main())"]
+MNISTQ = [sys.executable, "-c", "import sys; from app.cli import main; sys.exit(main())"]
 
 
 def _free_port() -> int:

@@ -12,7 +12,7 @@ from conftest import write_digits
 from helpers_images import SHIPPED_MODEL
 from helpers_wire import Wire, wait_for
 
-from trainer.model import load_checkpoint, save_checkpoint
+from model import load_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -22,7 +22,7 @@ def test_sigkill_mid_batch_loses_nothing(start_worker, tmp_path: Path) -> None:
 
     Redis's fetch (BRPOP) and kombu's record of the message in its ``unacked`` hash are two
     steps: a message taken in between is gone from Redis with the worker. No worker can bring
-    that back; the producer finds it missing everywhere and sends it again (producer/evidence.py,
+    that back; the producer finds it missing everywhere and sends it again (mnistq/evidence.py,
     tests/test_evidence.py). Here the test does what the producer does, so the whole is checked.
     """
     env = {"MNISTQ_VISIBILITY_TIMEOUT": "3", "MNISTQ_FORWARD_BATCH": "32"}

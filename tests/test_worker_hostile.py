@@ -11,8 +11,7 @@ import pytest
 from conftest import write_digits
 from helpers_wire import Wire, wait_for
 
-from mnistq.protocol import MAX_PATHS, QUEUE, ErrorKind
-from producer.job import miscounted
+from mnistq.protocol import MAX_PATHS, QUEUE, ErrorKind, miscounted
 
 pytestmark = pytest.mark.timeout(180)
 

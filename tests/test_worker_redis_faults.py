@@ -16,7 +16,7 @@ from conftest import WorkerProc, write_digits
 from helpers_wire import Wire, wait_for
 from test_worker_broker import MNISTQ, _env, _free_port
 
-from mnistq.embedded import EmbeddedRedis
+from app.embedded import EmbeddedRedis
 from mnistq.protocol import ExitCode
 from mnistq.settings import Settings
 
@@ -155,8 +155,8 @@ def test_a_refused_password_is_one_line_and_exit_2(
 
 def test_the_producer_names_a_redis_out_of_memory(servers: list[EmbeddedRedis]) -> None:
     """It said "cannot reach Redis" every 30 s; Redis answered, it only refused new messages."""
-    from producer.broker import BrokerUnavailable
-    from producer.client import Client
+    from api.client import Client
+    from mnistq.broker import BrokerUnavailable
 
     server = EmbeddedRedis()
     servers.append(server)

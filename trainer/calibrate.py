@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from model import MNIST_MEAN, MNIST_STD, Calibration, predict_logits
 from trainer import nondigits
-from trainer.model import MNIST_MEAN, MNIST_STD, Calibration, predict_logits
 
 ECE_BINS = 15
 

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from mnistq.settings import Settings
+from model import Calibration, load_checkpoint, pick_device, pick_precision, predict_logits, prepare
 from trainer import data, nondigits
 from trainer.calibrate import ece, nll, to_review
-from trainer.model import Calibration, load_checkpoint, pick_device, pick_precision, predict_logits, prepare
 
 #: the thresholds of the review table, beside the checkpoint's recommended one
 REVIEW_PS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)

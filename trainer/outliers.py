@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from model import autocast
 from trainer import calibrate
-from trainer.model import autocast
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
+import model as model_lib
 from mnistq.errors import ConfigError, ModelError
 from mnistq.protocol import ExitCode
-from trainer import model as model_lib
 
 #: `mnistq train`'s exit status when it kept the better model already at --out
 KEPT_EXIT = ExitCode.MODEL

@@ -30,8 +30,7 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from mnistq.settings import DEFAULT_MODEL
-from trainer import calibrate, data, outliers, publish
-from trainer.model import (
+from model import (
     ARCH,
     MNIST_MEAN,
     MNIST_STD,
@@ -43,6 +42,7 @@ from trainer.model import (
     prepare,
     train_memory_format,
 )
+from trainer import calibrate, data, outliers, publish
 from trainer.outliers import backward_in_passes
 
 

@@ -102,7 +102,7 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
         # Check the checkpoint once here, so a bad file fails the start, not every child.
         import torch
 
-        from trainer.model import load_checkpoint
+        from model import load_checkpoint
 
         # One thread: loading runs torch ops, and an OpenMP pool started here would be inherited
         # by every child in a state that hangs a child running 2+ threads at its first use.
@@ -181,7 +181,7 @@ def classify(self: Task, *args: Any, **kwargs: Any) -> None:
         reply_to = kwargs.get("reply_to")
         if isinstance(reply_to, str) and is_reply_key(reply_to):
             # An answer of no results, saying why: the sender gives each of its files an error
-            # result (producer/job.py miscounted) rather than sending the message again forever.
+            # result (mnistq/protocol.py miscounted) rather than sending the message again forever.
             reply = Reply(task_id, [], refused=str(e))
             push_reply(app.backend.client, reply_to, reply.dumps(), rt.settings.result_expires)
         return

@@ -3,7 +3,7 @@
 Many task threads submit decoded images; one inference thread coalesces whatever is waiting
 (up to ``forward_batch`` images, waiting at most ``coalesce_wait_ms`` for more) into one forward
 pass. Decoding keeps running in the task threads meanwhile, so the cores are not idle while the
-model works. The model runs through ``trainer.model.predict_logits``, and the checkpoint's
+model works. The model runs through ``model.predict_logits``, and the checkpoint's
 ``Calibration`` turns the logits into the served (calibrated) probabilities and the not-a-digit
 judgement; model and calibration are one version, installed and swapped together.
 """
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from mnistq.settings import Settings, cores
-from trainer.model import (
+from model import (
     Calibration,
     Checkpoint,
     load_checkpoint,

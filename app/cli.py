@@ -27,7 +27,7 @@ def _evaluate(argv: list[str]) -> int:
 
 
 def _predict(argv: list[str]) -> int:
-    from trainer.predict import main
+    from app.predict import main
 
     return main(argv)
 
@@ -45,20 +45,20 @@ def _status(argv: list[str]) -> int:
 
 
 def _run(argv: list[str]) -> int:
-    from mnistq.run import run_main
+    from app.run import run_main
 
     return run_main(argv)
 
 
 def _report(argv: list[str]) -> int:
-    from producer.report import main
+    from report.report import main
 
     return main(argv)
 
 
 def _producer(name: str) -> Callable[[list[str]], int]:
     def run(argv: list[str]) -> int:
-        from producer import cli
+        from app import watch as cli
 
         return int(getattr(cli, f"{name}_main")(argv))
 

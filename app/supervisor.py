@@ -10,7 +10,7 @@ started a child, and only the main thread lives as long as the process.
 
 A broker it did not start (REDIS_URL) is left alone: while it is away the workers and the
 watcher wait for it by themselves, the watcher's client saying so once and then once per 30 s
-(producer/broker.py); restarting them would not bring it back.
+(mnistq/broker.py); restarting them would not bring it back.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from mnistq.embedded import EmbeddedRedis, die_with_parent
+from app.embedded import EmbeddedRedis, die_with_parent
 from mnistq.errors import ConfigError, MnistqError, ModelError
 from mnistq.protocol import QUEUE, ExitCode
 from mnistq.settings import Settings, cores
 
-log = logging.getLogger("mnistq.run")
+log = logging.getLogger("app.run")
 
 #: A worker that lived shorter than this before exiting is restarted after a growing delay.
 QUICK_EXIT_S = 10.0

@@ -12,7 +12,7 @@ the model that classified the image, and sets ``Result.review`` to the reason ("
 "low confidence"); the client loads no model.
 
 What can go wrong is said in words: a broker that cannot be reached is
-:class:`~producer.broker.BrokerUnavailable` naming its URL (never a raw redis or kombu error),
+:class:`~mnistq.broker.BrokerUnavailable` naming its URL (never a raw redis or kombu error),
 a short outage (a Redis restart) is ridden out, work the broker lost is sent again, and late
 results with no worker consuming the queue say so.
 """
@@ -31,20 +31,17 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from api.job import Job
+from mnistq.broker import SERVER_ERRORS, BrokerUnavailable, Outage, safe_url, server_name, unreachable
 from mnistq.celeryconf import make_app
 from mnistq.errors import ConfigError
 from mnistq.protocol import MAX_PATHS, QUEUE, TASK_NAME, ClassifyRequest, Reply, Result, reply_key
 from mnistq.settings import AUTO, ReviewBelow, Settings, parse_review_below
-from producer.broker import SERVER_ERRORS, BrokerUnavailable, Outage, safe_url, server_name, unreachable
-from producer.job import Job, NoWorker, ResultTimeout, miscounted
 
 if TYPE_CHECKING:
-    from producer.evidence import LostWork
+    from mnistq.evidence import LostWork
 
 log = logging.getLogger("mnistq.producer")
-
-# Job's names stay importable from here, where they were first.
-__all__ = ["BrokerUnavailable", "Client", "Job", "NoWorker", "ResultTimeout", "miscounted"]
 
 
 def review_fields(review_below: ReviewBelow) -> tuple[bool, float | None]:
@@ -176,7 +173,7 @@ class Client:
             with self._lock:
                 self._jobs[task_id] = job
             try:
-                job._send(task_id)
+                job.send(task_id)
             except BaseException:
                 with self._lock:
                     for tid in job.tasks:
@@ -222,7 +219,7 @@ class Client:
                 with self._lock:
                     job = self._jobs.pop(reply.task_id, None)
                 if job is not None:
-                    job._deliver(reply)
+                    job.deliver(reply)
 
     def missing_worker(self, timeout: float = 2.0) -> str | None:
         """What to do when no worker consumes the queue, or None: one does, or nobody can tell."""
@@ -242,18 +239,18 @@ class Client:
         )
 
     def lost_work(self) -> LostWork:
-        """A detector of this client's messages the broker no longer has (producer/evidence.py)."""
-        from producer.evidence import LostWork, RedisProbe
+        """A detector of this client's messages the broker no longer has (mnistq/evidence.py)."""
+        from mnistq.evidence import LostWork, RedisProbe
 
         probe = RedisProbe(self.app, self.redis, QUEUE)
         return LostWork(probe, fallback_s=self.settings.resend_after_s)
 
-    def _broker_ok(self) -> None:
+    def broker_ok(self) -> None:
         """The broker answered: from now on a failure is an outage, ridden out."""
         self.contacted = True
         self.outage.ok()
 
-    def _wait_for_broker(self, error: BrokerUnavailable, pause: float = 1.0) -> None:
+    def wait_for_broker(self, error: BrokerUnavailable, pause: float = 1.0) -> None:
         """Count an outage: say so (a few lines, see Outage), pause, or give up past reconnect_s.
 
         A broker this client never reached is no outage but a wrong URL or nothing running: that

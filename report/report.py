@@ -2,8 +2,8 @@
 
 The page is self-contained (no network: plots are inline SVG, thumbnails are data: URIs), so it
 can be mailed or opened from a share. The CSV is read once, row by row, into bounded tallies
-(producer/tally.py), so a 60,000-row file costs little memory; the tiles are drawn by
-producer/sheet.py. Every row sent to review is shown (up to tally.REVIEW_TILES, then the page
+(report/tally.py), so a 60,000-row file costs little memory; the tiles are drawn by
+report/sheet.py. Every row sent to review is shown (up to tally.REVIEW_TILES, then the page
 says how many), those a person should look at first first: not a digit, then the least confident.
 matplotlib is imported here only: the watcher and the workers never load it.
 """
@@ -20,10 +20,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from mnistq.cliargs import one_line_errors
 from mnistq.errors import ConfigError
 from mnistq.protocol import ReviewReason
-from producer import sheet
-from producer.tally import Tally, Tile, in_order, read
+from report import sheet
+from report.tally import Tally, Tile, in_order, read
 
 _WIDTHS_MS = (100, 200, 500, 1000, 2000, 5000, 10_000, 30_000, 60_000, 300_000, 600_000)
 
@@ -217,8 +218,6 @@ def write_report(csv_path: Path, out: Path | None = None) -> Path:
 
 
 def main(argv: list[str]) -> int:
-    from producer.cli import one_line_errors
-
     p = one_line_errors(argparse.ArgumentParser(prog="mnistq report", description=__doc__.split("\n\n")[0]))
     p.add_argument("csv", type=Path, help="a results CSV written by `mnistq run`/`watch`/`classify`")
     p.add_argument("--out", type=Path, help="the HTML file to write (default: report.html beside the CSV)")

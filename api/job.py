@@ -1,7 +1,7 @@
 """A Job: the results of one ``Client.enqueue`` call, and how waiting for them goes wrong.
 
 Waiting is honest about what is missing: work the broker lost (a Redis restarted without
-persistence) is sent again on evidence (producer/evidence.py), a broker outage is waited out
+persistence) is sent again on evidence (mnistq/evidence.py), a broker outage is waited out
 for the client's ``reconnect_s``, and results late with no worker consuming the queue say so.
 """
 
@@ -11,16 +11,15 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
+from mnistq.broker import BrokerUnavailable, Outage
 from mnistq.errors import MnistqError
-from mnistq.protocol import ErrorKind, ExitCode, Reply, Result
-from producer.broker import BrokerUnavailable
-from producer.evidence import LOST_WHY
+from mnistq.evidence import LOST_WHY
+from mnistq.protocol import ExitCode, Reply, Result, miscounted
 
 if TYPE_CHECKING:
-    from producer.client import Client
-    from producer.evidence import LostWork
+    from mnistq.evidence import LostWork
 
 log = logging.getLogger("mnistq.producer")
 
@@ -40,19 +39,31 @@ class NoWorker(ResultTimeout):
     exit_code = ExitCode.CONFIG
 
 
-def miscounted(reply: Reply, paths: Sequence[str], ids: Sequence[str | None]) -> list[Result] | None:
-    """Error results for every path of a reply whose count does not match the request (a worker
-    bug: which result belongs to which path cannot be trusted), or of a message the worker refused
-    whole; None when the count is right."""
-    if reply.refused is not None:
-        message = f"refused by the worker: {reply.refused}"
-        log.warning("task %s %s; every file of it gets an error row", reply.task_id, message)
-        return [Result.failed(p, ErrorKind.REFUSED, message, i) for p, i in zip(paths, ids, strict=True)]
-    if len(reply.results) == len(paths):
-        return None
-    message = f"internal error: the worker answered {len(reply.results)} results for {len(paths)} files"
-    log.warning("task %s: %s; every file of it gets an error row", reply.task_id, message)
-    return [Result.failed(p, ErrorKind.INTERNAL, message, i) for p, i in zip(paths, ids, strict=True)]
+class Sender(Protocol):
+    """What a Job needs of its client (api/client.py's Client): public calls only, so the client
+    and its jobs stay one-way (the client makes jobs; a job knows only this)."""
+
+    outage: Outage
+
+    def send(
+        self,
+        paths: Sequence[str],
+        ids: Sequence[str] | None = None,
+        *,
+        task_id: str | None = None,
+        probabilities: bool = False,
+        review_below: str | float | None = None,
+    ) -> str: ...
+
+    def pump(self, timeout: float) -> None: ...
+
+    def broker_ok(self) -> None: ...
+
+    def wait_for_broker(self, error: BrokerUnavailable, pause: float = 1.0) -> None: ...
+
+    def missing_worker(self, timeout: float = 2.0) -> str | None: ...
+
+    def lost_work(self) -> LostWork: ...
 
 
 class Job:
@@ -60,7 +71,7 @@ class Job:
 
     def __init__(
         self,
-        client: Client,
+        client: Sender,
         paths: list[str],
         tasks: dict[str, tuple[int, int]] | None = None,
         *,
@@ -96,7 +107,7 @@ class Job:
         """Results arrived so far, handed out or not."""
         return len(self._new)
 
-    def _send(self, task_id: str) -> None:
+    def send(self, task_id: str) -> None:
         """Send (or send again) one task, riding out a broker outage of up to ``reconnect_s``."""
         start, end = self.tasks[task_id]
         client = self.client
@@ -109,12 +120,12 @@ class Job:
                     client.send(paths, task_id=task_id, probabilities=probs, review_below=self.review_below)
                 break
             except BrokerUnavailable as e:
-                client._wait_for_broker(e)
-        client._broker_ok()
+                client.wait_for_broker(e)
+        client.broker_ok()
         with self._lock:
             self._sent_at[task_id] = self._news = time.monotonic()
 
-    def _deliver(self, reply: Reply) -> None:
+    def deliver(self, reply: Reply) -> None:
         start, end = self.tasks[reply.task_id]
         # Called once per task: the client forgets a task on its first answer, so a redelivered
         # or resent task's second answer never gets here.
@@ -162,9 +173,9 @@ class Job:
         try:
             client.pump(timeout)
         except BrokerUnavailable as e:
-            client._wait_for_broker(e, pause=min(timeout, 0.5))
+            client.wait_for_broker(e, pause=min(timeout, 0.5))
             return
-        client._broker_ok()
+        client.broker_ok()
         self._resend_lost()  # LostWork looks at most once per its confirm_s
         now = time.monotonic()
         if now - self._news > LATE_S and now >= self._next_worker_check:
@@ -188,7 +199,7 @@ class Job:
         why = f"unanswered after {self._lost.fallback_s:.0f}s" if self._lost.by_fallback else LOST_WHY
         log.warning("%d of %d messages in flight are %s; sending them again", len(lost), len(flying), why)
         for task_id in lost:
-            self._send(task_id)
+            self.send(task_id)
 
     def _timed_out(self, timeout: float | None) -> ResultTimeout:
         missing = f"{self.total - self.received} of {self.total} results missing after {timeout}s"

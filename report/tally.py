@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from mnistq import csvread
+from mnistq.csvcell import uncell
 from mnistq.errors import ConfigError
 from mnistq.protocol import ReviewReason
-from producer import csvread
-from producer.csvsink import uncell
 
 TILES = 48  # the contact sheet's cap, all groups together
 REVIEW_TILES = 500  # review rows shown: all of them in most runs, the first to look at in any
@@ -71,7 +71,7 @@ def read(csv_path: Path) -> tuple[Tally, tuple[str, ...]]:
 
     A row with the wrong number of cells (a quote typed by hand runs a CSV reader on over the
     rows after it, or a torn last row) makes it read the file again as the producer does
-    (producer/csvread.py: every row kept, the whole file in memory): no row goes uncounted."""
+    (mnistq/csvread.py: every row kept, the whole file in memory): no row goes uncounted."""
     try:
         f = open(csv_path, encoding="utf-8-sig", errors="replace", newline="")  # noqa: SIM115
     except OSError as e:

@@ -16,7 +16,7 @@ from mnistq.errors import ImageError
 from mnistq.images import load_image
 from mnistq.protocol import EXIT_CODES_HELP, ExitCode
 from mnistq.settings import Settings
-from trainer.model import Checkpoint, load_checkpoint, pick_device, pick_precision, predict_logits, prepare
+from model import Checkpoint, load_checkpoint, pick_device, pick_precision, predict_logits, prepare
 
 
 def _resolved(path: Path) -> Path:

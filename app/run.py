@@ -3,7 +3,7 @@
 SIGINT (a terminal's Ctrl-C) and SIGTERM mean the same: the first stops intake, the watcher
 finishes the rows in hand, then the workers stop and the embedded Redis last; exit 0, since
 files not yet taken are simply the next start's backlog. A second one stops everything at once
-and exits 130. The children never see the terminal's SIGINT (see mnistq/supervisor.py).
+and exits 130. The children never see the terminal's SIGINT (see app/supervisor.py).
 
 A failure stops the run too: a worker that cannot start (exit 2 or 3, that code), or rows in
 hand that never come. If work in flight is left undone then, it says so and exits 4
@@ -25,12 +25,13 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from app.runstate import remove_run_state, write_run_state
+from app.supervisor import Supervisor
 from mnistq.errors import MnistqError
 from mnistq.protocol import EXTENSIONS, ExitCode
-from mnistq.settings import RUN_STATE_NAME, Settings, cores, remove_run_state, write_run_state
-from mnistq.supervisor import Supervisor
+from mnistq.settings import RUN_STATE_NAME, Settings, cores
 
-log = logging.getLogger("mnistq.run")
+log = logging.getLogger("app.run")
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 #: After a fatal worker failure the watcher cannot finish its rows; it gets this long to notice.
 FAILURE_GRACE_S = 10.0
@@ -58,13 +59,13 @@ def _workers(raw: str) -> int:
 
 def run_parser(settings: Settings) -> argparse.ArgumentParser:
     # Imported here, under run_main's signal counting: the producer's imports take a while.
-    from producer.cli import watch_parser
+    from app.watch import watch_parser
 
     p = watch_parser("mnistq run", settings)
     p.description = (
         "The main job: an embedded Redis (unless REDIS_URL is set), N workers and the inbox watcher. "
         "Ctrl-C or SIGTERM finishes the rows in hand and stops; a second one stops at once. While it "
-        "runs, `mnistq status`, `mnistq classify` and producer.Client() started beside its CSV find its "
+        "runs, `mnistq status`, `mnistq classify` and api.Client() started beside its CSV find its "
         f"Redis without REDIS_URL (it is recorded in {RUN_STATE_NAME} there). Its workers read the inbox "
         "and the folders in MNISTQ_ALLOWED_ROOTS (the Python API's files, kept out of the inbox)."
     )
@@ -134,7 +135,7 @@ class _Run:
             )
 
     def _watch(self, redis_url: str) -> None:
-        from producer.cli import watch
+        from app.watch import watch
 
         try:
             self.code = watch(self.args, redis_url, self.settings, self.stop)
@@ -197,7 +198,7 @@ class _Run:
             return ExitCode.OK
         # A mistake in --inbox or --csv, or another producer on either: one line, and no child
         # started (the locks taken stay held for the watcher).
-        from producer.cli import check_inbox_and_paths
+        from app.watch import check_inbox_and_paths
 
         check_inbox_and_paths(self.args)
         failure: MnistqError | None = None
@@ -295,7 +296,7 @@ def run_main(argv: list[str]) -> int:
             settings = settings.with_(allowed_roots=tuple(roots))
         code = _Run(args, settings, signals).main()
     if args.report and code != ExitCode.INTERRUPTED:
-        from producer.report import write_report
+        from report.report import write_report
 
         try:
             print(f"report: {write_report(Path(args.csv))}", file=sys.stderr)

@@ -3,7 +3,7 @@
 
 The human output lives here: the paths at start, the progress bar (a terminal only), the final
 line, `classify`'s answers. The modules below it only log. A mistake is one line and exit code
-2 (a ConfigError, printed by mnistq/cli.py), never a traceback.
+2 (a ConfigError, printed by app/cli.py), never a traceback.
 """
 
 from __future__ import annotations
@@ -17,31 +17,20 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
-from typing import NoReturn
 
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from api.client import Client
+from mnistq.cliargs import one_line_errors
 from mnistq.errors import ConfigError
 from mnistq.protocol import EXIT_CODES_HELP, ExitCode
 from mnistq.settings import AUTO, ReviewBelow, Settings, parse_review_below
-from producer.client import Client
 from producer.csvsink import CsvSink
 from producer.dispatch import Progress
 from producer.finish import review_dir_for
 from producer.lock import check_csv, check_paths, lock_csv, release_paths
 from producer.watcher import Watcher, WatchOptions
-
-
-def one_line_errors(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """A command-line mistake is one line and exit 2, not argparse's usage block."""
-
-    def error(message: str) -> NoReturn:
-        sys.stderr.write(f"{p.prog}: error: {message} (see {p.prog} --help)\n")
-        sys.exit(ExitCode.CONFIG)
-
-    p.error = error  # type: ignore[method-assign]
-    return p
 
 
 def review_below_option(raw: str) -> ReviewBelow:

@@ -15,9 +15,9 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 
+from mnistq.csvcell import unescaped
 from mnistq.settings import Settings
-from producer.csvsink import unescaped
-from producer.tally import TILES, Tile
+from report.tally import TILES, Tile
 
 THUMB = 64  # px, the longer side of a thumbnail
 _FOLDERS = ("done", "review", "failed")  # beside the CSV, where files are put once their row is written
