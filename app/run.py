@@ -28,6 +28,7 @@ from typing import Any
 from app.runstate import remove_run_state, write_run_state
 from app.supervisor import Supervisor
 from mnistq.errors import MnistqError
+from mnistq.folders import Folders
 from mnistq.protocol import EXTENSIONS, ExitCode
 from mnistq.settings import RUN_STATE_NAME, Settings, cores
 
@@ -115,6 +116,7 @@ class _Signals:
 class _Run:
     def __init__(self, args: argparse.Namespace, settings: Settings, signals: _Signals) -> None:
         self.args, self.settings, self.signals = args, settings, signals
+        self.folders = Folders.of(args.inbox, args.csv, args.done_dir, args.failed_dir)
         self.stop = threading.Event()
         self.supervisor = Supervisor(settings, args.workers, args.worker_loglevel)
         self.thread: threading.Thread | None = None
@@ -159,7 +161,7 @@ class _Run:
                     if isinstance(info, dict) and info.get("version"):
                         log.info(
                             "ready: worker %s serves model %s; files in %s are classified now",
-                            name.split("@", 1)[0], info["version"], _inbox(self.args),
+                            name.split("@", 1)[0], info["version"], self.folders.resolved().inbox,
                         )  # fmt: skip
                         return
                 self.stop.wait(0.5)
@@ -200,7 +202,7 @@ class _Run:
         # started (the locks taken stay held for the watcher).
         from app.watch import check_inbox_and_paths
 
-        check_inbox_and_paths(self.args)
+        check_inbox_and_paths(self.folders)
         failure: MnistqError | None = None
         try:
             url = self.supervisor.start()
@@ -241,8 +243,8 @@ class _Run:
     def _abandoned(self, why: str) -> int:
         """Work in flight left undone because of a failure: not a clean stop, so not exit 0."""
         print(
-            f"mnistq run: {why}: work in flight was left undone; {files_left(self.args)} file(s) "
-            f"stay in {_inbox(self.args)} and are done on the next start",
+            f"mnistq run: {why}: work in flight was left undone; {files_left(self.folders)} file(s) "
+            f"stay in {self.folders.resolved().inbox} and are done on the next start",
             file=sys.stderr,
             flush=True,
         )
@@ -251,9 +253,9 @@ class _Run:
     def _stop_now(self) -> int:
         logging.disable(logging.CRITICAL)  # the watcher's complaints about a killed Redis are noise
         self.supervisor.kill()
-        left = files_left(self.args)
+        left = files_left(self.folders)
         print(
-            f"mnistq run: stopped at once; {left} file(s) stay in {_inbox(self.args)} "
+            f"mnistq run: stopped at once; {left} file(s) stay in {self.folders.resolved().inbox} "
             "(the next start does those without a row)",
             file=sys.stderr,
             flush=True,
@@ -261,21 +263,13 @@ class _Run:
         return ExitCode.INTERRUPTED
 
 
-def _inbox(args: argparse.Namespace) -> Path:
-    return Path(args.inbox).expanduser().resolve()
-
-
-def files_left(args: argparse.Namespace) -> int:
+def files_left(folders: Folders) -> int:
     """Image files in the inbox, not counting the done, review and failed folders if they are
     inside it."""
-    from producer.finish import review_dir_for
-
-    inbox = _inbox(args)
-    base = Path(args.csv).expanduser().resolve().parent
-    done = Path(args.done_dir or base / "done").resolve()
-    skip = {done, review_dir_for(done), Path(args.failed_dir or base / "failed").resolve()}
+    folders = folders.resolved()
+    skip = set(folders.outputs)
     n = 0
-    for root, dirs, names in os.walk(inbox):
+    for root, dirs, names in os.walk(folders.inbox):
         dirs[:] = [d for d in dirs if Path(root, d) not in skip]
         n += sum(Path(name).suffix.lower() in EXTENSIONS for name in names)
     return n

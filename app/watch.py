@@ -24,11 +24,11 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from api.client import Client
 from mnistq.cliargs import one_line_errors
 from mnistq.errors import ConfigError
+from mnistq.folders import Folders
 from mnistq.protocol import EXIT_CODES_HELP, ExitCode
 from mnistq.settings import AUTO, ReviewBelow, Settings, parse_review_below
 from producer.csvsink import CsvSink
 from producer.dispatch import Progress
-from producer.finish import review_dir_for
 from producer.lock import check_csv, check_paths, lock_csv, release_paths
 from producer.watcher import Watcher, WatchOptions
 
@@ -146,45 +146,40 @@ def watch(args: argparse.Namespace, redis_url: str, settings: Settings, stop: th
     returns. Returns ``ExitCode.OK``, or ``ExitCode.ABANDONED`` when it stopped with files in
     flight whose rows did not come within the grace (they are redone on the next start).
     """
-    check_inbox_and_paths(args)
+    check_inbox_and_paths(folders_of(args))
     try:
         return _watch(args, redis_url, settings, stop)
     finally:
         release_paths()
 
 
-def check_inbox_and_paths(args: argparse.Namespace) -> None:
+def folders_of(args: argparse.Namespace) -> Folders:
+    """The folders that ``--inbox``, ``--csv``, ``--done-dir`` and ``--failed-dir`` name."""
+    return Folders.of(args.inbox, args.csv, args.done_dir, args.failed_dir)
+
+
+def check_inbox_and_paths(folders: Folders) -> None:
     """``check_paths``, then one line when it created the inbox, so that a misspelt ``--inbox``
     (whose folder exists) is seen at once rather than watched in silence."""
-    inbox = args.inbox.expanduser()
+    inbox = folders.inbox.expanduser()
     new = not inbox.exists() and not inbox.is_symlink()
-    check_paths(args)
+    check_paths(folders)
     if new and inbox.is_dir():
-        print(f"created inbox {args.inbox} (it did not exist)", file=sys.stderr, flush=True)
+        print(f"created inbox {folders.inbox} (it did not exist)", file=sys.stderr, flush=True)
 
 
 def _watch(args: argparse.Namespace, redis_url: str, settings: Settings, stop: threading.Event) -> int:
-    inbox = args.inbox.expanduser().resolve()
-    csv = args.csv.expanduser().resolve()
-    done = (args.done_dir or csv.parent / "done").resolve()
+    folders = folders_of(args).resolved()
     # The workers judge review on what each message asks: the client puts this in every one.
     settings = settings.with_(review_below=getattr(args, "review_below", settings.review_below))
-    opts = WatchOptions(
-        inbox=inbox,
-        done_dir=done,
-        failed_dir=(args.failed_dir or csv.parent / "failed").resolve(),
-        polling=args.polling,
-        keep=args.keep,
-        drain=args.drain,
-        message_size=settings.message_size,
-        resend_s=settings.resend_after_s,
-        settle_s=settings.settle_s,
+    opts = WatchOptions.from_settings(
+        settings, folders, polling=args.polling, keep=args.keep, drain=args.drain
     )
-    print(f"inbox:   {inbox}\nresults: {csv}", file=sys.stderr)
+    print(f"inbox:   {folders.inbox}\nresults: {folders.csv}", file=sys.stderr)
     if settings.review_below is not None:
         below = _review_default(settings.review_below)
-        print(f"review:  {review_dir_for(done)} (not a digit, or confidence below {below})", file=sys.stderr)
-    sink = _open_sink(csv)  # a file it refuses stops the command here, before any work
+        print(f"review:  {folders.review} (not a digit, or confidence below {below})", file=sys.stderr)
+    sink = _open_sink(folders.csv)  # a file it refuses stops the command here, before any work
     bar, show = _progress_bar()
     try:
         with _logs_above(bar), Client(redis_url, settings=settings) as client:

@@ -84,6 +84,7 @@ def thread_cpu_s(skip: int) -> float:
 
 
 def child(n: int, folder: Path) -> dict[str, float]:
+    from mnistq.folders import Folders
     from producer.csvsink import CsvSink
     from producer.watcher import Watcher, WatchOptions
 
@@ -94,7 +95,7 @@ def child(n: int, folder: Path) -> dict[str, float]:
         (staging / name).write_bytes(b"\x89PNG not decoded here")
     sink = CsvSink(folder / "results.csv")
     stop = threading.Event()
-    opts = WatchOptions(inbox=inbox, done_dir=folder / "done", failed_dir=folder / "failed")
+    opts = WatchOptions(Folders.of(inbox, folder / "results.csv", folder / "done", folder / "failed"))
     watcher = Watcher(Echo(), sink, opts, stop)  # type: ignore[arg-type]
     runner = threading.Thread(target=watcher.run)
     runner.start()

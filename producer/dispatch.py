@@ -27,11 +27,11 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 from mnistq.broker import BrokerRefused
 from mnistq.evidence import LOST_WHY, Lookout, LostWork, NoProbe
+from mnistq.folders import Folders
 from mnistq.protocol import ErrorKind, Reply, Result, miscounted
 from producer.access import Denied, blocking_folder, folder_id
 from producer.csvsink import CsvSink
@@ -103,10 +103,8 @@ class Dispatcher:
         self,
         sender: Sender,
         sink: CsvSink,
+        folders: Folders,
         *,
-        inbox: Path,
-        done_dir: Path,
-        failed_dir: Path,
         keep: bool = False,
         message_size: int = 256,
         max_inflight: int = MAX_IN_FLIGHT,
@@ -122,16 +120,14 @@ class Dispatcher:
         unanswered) applies. ``denied``: where files that cannot be read for a permission are
         told (they get no row until they can be)."""
         self.sender = sender
-        self.inbox, self.done_dir, self.failed_dir = inbox, done_dir, failed_dir
+        self.inbox = folders.inbox
         self.keep, self.message_size, self.max_inflight = keep, message_size, max_inflight
         self.lost = lost or LostWork(NoProbe(), fallback_s=resend_s, clock=clock)
         self.clock = clock
         self.on_progress, self.on_replaced = on_progress, on_replaced
         self.finisher = Finisher(
             sink,
-            inbox=inbox,
-            done_dir=done_dir,
-            failed_dir=failed_dir,
+            folders,
             keep=keep,
             retry_s=retry_s,
             clock=clock,
@@ -139,7 +135,7 @@ class Dispatcher:
         )
         #: the inbox folder (device, inode) files are sent from now; the watcher sets it when a
         #: new folder takes the inbox's place. A file whose inbox changed gets no row.
-        self.home = folder_id(inbox)
+        self.home = folder_id(folders.inbox)
         # The loop sends and resends, the collector thread answers: this guards what both touch.
         self._lock = threading.Lock()
         self._flights: dict[str, _Flight] = {}  # file id -> where it is

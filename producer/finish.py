@@ -41,6 +41,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from mnistq.csvcell import escapings, unescaped
+from mnistq.folders import Folders
 from mnistq.protocol import ErrorKind, Result
 from producer.access import Denied, blocking_folder, folder_id, unreadable
 from producer.csvsink import CsvSink
@@ -51,13 +52,6 @@ log = logging.getLogger("mnistq.producer")
 
 #: seconds between tries while the disk refuses the rows
 RETRY_S = 2.0
-#: the review folder's name: beside done/, unless given
-REVIEW = "review"
-
-
-def review_dir_for(done_dir: Path) -> Path:
-    """Where files sent to review go when no folder is given: review/ beside done/."""
-    return done_dir.parent / REVIEW
 
 
 @dataclass(frozen=True)
@@ -97,19 +91,16 @@ class Finisher:
     def __init__(
         self,
         sink: CsvSink,
+        folders: Folders,
         *,
-        inbox: Path,
-        done_dir: Path,
-        failed_dir: Path,
-        review_dir: Path | None = None,
         keep: bool = False,
         retry_s: float = RETRY_S,
         clock: Callable[[], float] = time.monotonic,
         denied: Denied | None = None,
     ) -> None:
         self.denied = denied or Denied()
-        self.sink, self.inbox, self.done_dir, self.failed_dir = sink, inbox, done_dir, failed_dir
-        self.review_dir = review_dir or review_dir_for(done_dir)
+        self.sink, self.inbox = sink, folders.inbox
+        self.done_dir, self.review_dir, self.failed_dir = folders.outputs
         self.keep, self.retry_s, self.clock = keep, retry_s, clock
         # Replies (the collector) and retries and scans (the loop) come from two threads.
         self._lock = threading.RLock()

@@ -14,7 +14,6 @@ release removes the file; a crash leaves it behind, harmless, and the next holde
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import contextlib
 import fcntl
@@ -23,7 +22,7 @@ import time
 from pathlib import Path
 
 from mnistq.errors import ConfigError
-from producer.finish import review_dir_for
+from mnistq.folders import Folders
 
 #: The inbox's lock file: hidden, so the watcher never takes it for work.
 INBOX_LOCK = ".mnistq.lock"
@@ -143,8 +142,8 @@ def _check_writable(csv: Path) -> None:
         raise ConfigError(f"cannot write the results file {csv}: {e.strerror}") from None
 
 
-def check_paths(args: argparse.Namespace) -> None:
-    """Check the inbox, the CSV and the done/failed folders of ``args``, and take the locks that
+def check_paths(folders: Folders) -> None:
+    """Check the inbox, the CSV and the done/review/failed folders, and take the locks that
     make this process the only producer on that inbox and that CSV.
 
     Each mistake is a ConfigError (one line, exit 2): an inbox that is a file, whose folder is
@@ -155,15 +154,14 @@ def check_paths(args: argparse.Namespace) -> None:
     locks are held until ``watch`` returns or the process ends; calling this again in the same
     process is harmless (and does not walk the inbox again).
     """
-    inbox = args.inbox.expanduser().resolve()
+    inbox = folders.inbox.expanduser().resolve()
     if inbox.exists() and not inbox.is_dir():
-        raise ConfigError(f"the inbox {args.inbox} is a file, not a folder (--inbox or MNISTQ_INBOX)")
-    csv = check_csv(args.csv)
-    done = args.done_dir or csv.parent / "done"
+        raise ConfigError(f"the inbox {folders.inbox} is a file, not a folder (--inbox or MNISTQ_INBOX)")
+    csv = check_csv(folders.csv)
     for option, folder in (
-        ("--done-dir", done),
-        ("--failed-dir", args.failed_dir or csv.parent / "failed"),
-        ("the review folder", review_dir_for(done)),
+        ("--done-dir", folders.done),
+        ("--failed-dir", folders.failed),
+        ("the review folder", folders.review),
     ):
         if folder.expanduser().is_symlink():
             raise ConfigError(
@@ -185,7 +183,7 @@ def check_paths(args: argparse.Namespace) -> None:
             _refuse_nested(inbox)
         if not inbox.parent.is_dir():  # a typo would otherwise become a new tree of folders
             raise ConfigError(
-                f"the folder of the inbox {args.inbox} does not exist: create {inbox.parent} first, "
+                f"the folder of the inbox {folders.inbox} does not exist: create {inbox.parent} first, "
                 "or choose another --inbox"
             )
         # Beside the inbox: it holds while the inbox itself is removed or renamed.
@@ -193,7 +191,7 @@ def check_paths(args: argparse.Namespace) -> None:
         try:
             inbox.mkdir(exist_ok=True)
         except OSError as e:
-            raise ConfigError(f"cannot create the inbox {args.inbox}: {e.strerror}") from None
+            raise ConfigError(f"cannot create the inbox {folders.inbox}: {e.strerror}") from None
         taken += _lock(inbox / INBOX_LOCK, f"watching {inbox}")
     except BaseException:
         for lock in taken:

@@ -18,18 +18,18 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 from mnistq.broker import BrokerRefused, BrokerUnavailable, Outage
 from mnistq.errors import ConfigError
 from mnistq.evidence import lost_work_for
+from mnistq.folders import Folders
 from mnistq.protocol import Reply
+from mnistq.settings import Settings
 from producer.access import Denied, folder_id
 from producer.csvsink import CsvSink
 from producer.dispatch import MAX_IN_FLIGHT, Dispatcher, Progress
 from producer.events import Hints, Source, source_for
-from producer.finish import review_dir_for
 from producer.inbox import scan
 from producer.intake import EventKind, Intake
 from producer.lock import relock_inbox
@@ -73,26 +73,49 @@ class Connection(Protocol):
         ...
 
 
+#: the settings' defaults, for options built without Settings (WatchOptions.from_settings)
+_DEFAULTS = Settings()
+
+
 @dataclass
 class WatchOptions:
-    inbox: Path
-    done_dir: Path
-    failed_dir: Path
+    folders: Folders
     polling: bool = False
     keep: bool = False
     drain: bool = False  # process what is in the inbox, then return
-    message_size: int = 256
+    message_size: int = _DEFAULTS.message_size
     max_inflight: int = MAX_IN_FLIGHT
     #: candidates, ready files and waiting hints held, each (at least 4 messages): past that
     #: the inbox keeps the files and a pass over it finds them. A burst of 10,000 fits without
     #: one; a path held costs ~200 bytes, so ~1 MB each.
     hold: int = 4096
-    settle_s: float = 1.0
+    settle_s: float = _DEFAULTS.settle_s
     rescan_s: float = 30.0
     #: where the broker cannot be listed, unanswered work is sent again after this long
     #: (settings.resend_after_s); on Redis, lost work is found by looking (mnistq/evidence.py)
-    resend_s: float = 45.0
+    resend_s: float = _DEFAULTS.resend_after_s
     grace_s: float = 60.0  # on stop, how long to wait for the rows of files in flight
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        folders: Folders,
+        *,
+        polling: bool = False,
+        keep: bool = False,
+        drain: bool = False,
+    ) -> WatchOptions:
+        """The options that the settings set (message size, resend, settle); the rest default."""
+        return cls(
+            folders=folders,
+            polling=polling,
+            keep=keep,
+            drain=drain,
+            message_size=settings.message_size,
+            resend_s=settings.resend_after_s,
+            settle_s=settings.settle_s,
+        )
 
 
 class Watcher:
@@ -106,19 +129,17 @@ class Watcher:
     ) -> None:
         self.client, self.opts = client, opts
         self.stop = stop or threading.Event()
-        self.inbox = opts.inbox.resolve()
-        done = opts.done_dir.resolve()
+        folders = opts.folders.resolved()
+        self.inbox = folders.inbox
         # review/ (beside done/) too: a file put there must never come back as new work
-        self.skip = (done, opts.failed_dir.resolve(), review_dir_for(done))
+        self.skip = (folders.done, folders.failed, folders.review)
         cap = max(opts.hold, 4 * opts.message_size)
         self.hints = Hints(cap)
         self.denied = Denied(DENIED_RESCAN_S)
         self.dispatch = Dispatcher(
             client,
             sink,
-            inbox=self.inbox,
-            done_dir=self.skip[0],
-            failed_dir=self.skip[1],
+            folders,
             keep=opts.keep,
             message_size=opts.message_size,
             max_inflight=opts.max_inflight,

@@ -15,8 +15,7 @@ import pytest
 from conftest import WorkerProc, fresh_db, write_digits
 
 import api.job
-from api import Client, Job, ResultTimeout
-from api.client import NoWorker
+from api import Client, Job, NoWorker, ResultTimeout
 from app.embedded import EmbeddedRedis
 from mnistq.broker import BrokerUnavailable
 from mnistq.errors import ConfigError

@@ -13,6 +13,7 @@ import pytest
 
 from app.watch import final_line
 from mnistq.evidence import LostWork
+from mnistq.folders import Folders
 from mnistq.protocol import ErrorKind, Reply, Result
 from producer.csvsink import CsvSink
 from producer.dispatch import Dispatcher, Progress
@@ -70,9 +71,7 @@ class Setup:
         self.dispatch = Dispatcher(
             self.broker,
             self.sink,
-            inbox=self.inbox,
-            done_dir=self.done,
-            failed_dir=self.failed,
+            Folders.of(self.inbox, self.csv, self.done, self.failed),
             clock=self.clock,
             on_replaced=self.replaced.append,
             on_progress=self.progress.append,

@@ -27,6 +27,7 @@ from test_row_and_move import deep_file
 from api.client import Client
 from app.embedded import EmbeddedRedis
 from mnistq.csvcell import unescaped
+from mnistq.folders import Folders
 from mnistq.protocol import QUEUE
 from mnistq.settings import Settings
 from producer import inbox
@@ -243,7 +244,9 @@ def test_an_unremovable_inbox_entry_gets_one_row_and_one_warning(
     if subprocess.run(["chattr", "+i", str(sub)], capture_output=True).returncode != 0:
         pytest.skip("chattr +i is not supported here")
     sink = CsvSink(tmp_path / "results.csv")
-    opts = WatchOptions(inbox=inbox, done_dir=tmp_path / "done", failed_dir=tmp_path / "failed", rescan_s=0.3)
+    opts = WatchOptions(
+        Folders.of(inbox, tmp_path / "results.csv", tmp_path / "done", tmp_path / "failed"), rescan_s=0.3
+    )
     stop = threading.Event()
     try:
         with Client(worker.url, settings=Settings(redis_url=worker.url)) as client:

@@ -21,6 +21,7 @@ import pytest
 from helpers_run import read_rows
 
 from mnistq.broker import Outage
+from mnistq.folders import Folders
 from mnistq.protocol import Reply, Result
 from producer.csvsink import CsvSink
 from producer.events import Hints
@@ -110,9 +111,7 @@ def test_a_flood_is_read_from_the_folder_once_not_once_per_room(
 
     monkeypatch.setattr(os, "scandir", counted)
     opts = WatchOptions(
-        inbox=inbox,
-        done_dir=tmp_path / "done",
-        failed_dir=tmp_path / "failed",
+        Folders.of(inbox, tmp_path / "results.csv", tmp_path / "done", tmp_path / "failed"),
         message_size=16,
         max_inflight=hold,
         hold=hold,

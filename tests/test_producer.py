@@ -20,6 +20,7 @@ from helpers_run import MNISTQ, read_rows
 from PIL import Image
 
 from api import Client
+from mnistq.folders import Folders
 from mnistq.protocol import ErrorKind, ExitCode, Reply, Result
 from mnistq.settings import Settings
 from producer.csvsink import CsvSink
@@ -303,7 +304,8 @@ def test_a_reply_with_the_wrong_count_gives_error_rows_not_a_crash(
     url = fresh_db(redis_server)
     files = write_digits(tmp_path / "inbox", 3)
     opts = WatchOptions(
-        inbox=tmp_path / "inbox", done_dir=tmp_path / "done", failed_dir=tmp_path / "failed", drain=True
+        Folders.of(tmp_path / "inbox", tmp_path / "results.csv", tmp_path / "done", tmp_path / "failed"),
+        drain=True,
     )
     with MiscountingClient(url, settings=Settings(redis_url=url)) as client:
         client.redis.rpush(client.reply_to, b"{not json")  # and an unreadable reply before it

@@ -17,8 +17,8 @@ from conftest import write_digits
 from helpers_images import REPO_ROOT
 from helpers_run import Run, read_rows, run_env
 
+from mnistq.folders import review_dir_for
 from mnistq.settings import RUN_STATE_NAME
-from producer.finish import review_dir_for
 
 README = REPO_ROOT / "README.md"
 

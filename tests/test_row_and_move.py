@@ -20,6 +20,7 @@ from conftest import no_dac
 from test_dispatch import Setup, answer
 
 import producer.finish
+from mnistq.folders import Folders
 from mnistq.protocol import CSV_COLUMNS, ErrorKind, Reply, Result
 from mnistq.safeopen import open_folder
 from producer import inbox
@@ -54,7 +55,7 @@ def restart(s: Setup) -> Dispatcher:
     """A new producer on the same inbox, CSV and folders."""
     s.sink.close()
     s.sink = CsvSink(s.csv)
-    s.dispatch = Dispatcher(s.broker, s.sink, inbox=s.inbox, done_dir=s.done, failed_dir=s.failed)
+    s.dispatch = Dispatcher(s.broker, s.sink, Folders.of(s.inbox, s.csv, s.done, s.failed))
     return s.dispatch
 
 
