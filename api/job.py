@@ -114,10 +114,7 @@ class Job:
         while True:
             try:
                 paths, probs = self.paths[start:end], self.probabilities
-                if self.review_below is None:  # a send() from before review_below still works
-                    client.send(paths, task_id=task_id, probabilities=probs)
-                else:
-                    client.send(paths, task_id=task_id, probabilities=probs, review_below=self.review_below)
+                client.send(paths, task_id=task_id, probabilities=probs, review_below=self.review_below)
                 break
             except BrokerUnavailable as e:
                 client.wait_for_broker(e)

@@ -19,6 +19,7 @@ from kombu.utils.url import maybe_sanitize_url
 
 from mnistq.errors import ConfigError
 from mnistq.redisfaults import credentials_refused, out_of_memory, refused_message
+from mnistq.urls import is_redis
 
 log = logging.getLogger("mnistq.producer")
 
@@ -49,7 +50,7 @@ def safe_url(url: str) -> str:
 
 def server_name(url: str) -> str:
     """'Redis at redis://...' or 'the broker at amqp://...'."""
-    kind = "Redis" if url.split(":", 1)[0] in ("redis", "rediss", "unix") else "the broker"
+    kind = "Redis" if is_redis(url) else "the broker"
     return f"{kind} at {safe_url(url)}"
 
 

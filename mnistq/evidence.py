@@ -35,17 +35,16 @@ import threading
 import time
 from collections.abc import Callable, Collection, Mapping
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
 import celery
 import redis
 from kombu.transport.redis import PRIORITY_STEPS, Channel
 
 from mnistq.protocol import QUEUE
+from mnistq.urls import is_redis_broker
 
 log = logging.getLogger("mnistq.producer")
 
-_REDIS_SCHEMES = ("redis", "rediss", "redis+socket")
 #: Where lost work went, as the resend warnings say it: what the look found (nothing) and what
 #: can cause that. Not "broker restarted?" alone: a worker killed in the fetch window, or one too
 #: busy to answer the look, leaves the same evidence.
@@ -93,7 +92,7 @@ class RedisProbe:
     ) -> None:
         self.app, self.inspect_timeout = app, inspect_timeout
         url = str(app.conf.broker_url or "")
-        self.listable = urlsplit(url).scheme in _REDIS_SCHEMES
+        self.listable = is_redis_broker(url)
         opts = app.conf.broker_transport_options or {}
         prefix = opts.get("global_keyprefix", "")
         sep = opts.get("sep", Channel.sep)

@@ -15,10 +15,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Final, Literal
-from urllib.parse import urlsplit
 
 from mnistq.errors import ConfigError
 from mnistq.protocol import MAX_PATHS
+from mnistq.urls import REDIS_SCHEMES, scheme
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,6 @@ def _paths(raw: str) -> tuple[Path, ...]:
     return tuple(Path(p).expanduser().resolve() for p in raw.split(os.pathsep) if p)
 
 
-#: The URLs redis-py reads (REDIS_URL carries the replies, whatever the broker)
-REDIS_SCHEMES = ("redis", "rediss", "unix")
 #: ``review_below``'s "the serving model's recommended threshold" (the worker knows it)
 AUTO: Final = "auto"
 #: off (None), the model's recommended threshold (AUTO), or a P of one's own, 0 < P < 1
@@ -200,7 +198,7 @@ class Settings:
             raise ConfigError(f"{self.variable('stats_interval')} must be > 0 (seconds)")
         if self.coalesce_wait_ms > 60_000:  # a forward batch held a minute for images to come
             raise ConfigError(f"{self.variable('coalesce_wait_ms')} must be at most 60000 (ms)")
-        if self.redis_url and urlsplit(self.redis_url).scheme not in REDIS_SCHEMES:
+        if self.redis_url and scheme(self.redis_url) not in REDIS_SCHEMES:
             raise ConfigError(
                 f"REDIS_URL must be a redis://, rediss:// or unix:// URL, not {self.redis_url!r} "
                 "(another broker goes in MNISTQ_BROKER_URL; Redis still carries the replies)"

@@ -239,9 +239,5 @@ class CsvSink:
                 places[escape(r.path)] = moved
             return rows
 
-    def write(self, result: Result) -> bool:
-        """Append the row for one file; False (and nothing written) if its id already has one."""
-        return bool(self.append([result]))
-
     def close(self) -> None:
         os.close(self._fd)

@@ -30,8 +30,8 @@ def ok(path: str, file_id: str, digit: int = 1) -> Result:
 def test_formulas_are_neutralised_and_an_id_gets_one_row(tmp_path: Path) -> None:
     out = tmp_path / "r.csv"
     sink = CsvSink(out)
-    assert sink.write(Result(path="=HYPERLINK(1)", id="a", error="@x", error_kind=ErrorKind.UNREADABLE))
-    assert not sink.write(ok("again", "a"))  # same file id: no second row
+    assert sink.append([Result(path="=HYPERLINK(1)", id="a", error="@x", error_kind=ErrorKind.UNREADABLE)])
+    assert not sink.append([ok("again", "a")])  # same file id: no second row
     sink.close()
     rows = read_rows(out)
     assert list(rows[0]) == list(CSV_COLUMNS)
@@ -64,14 +64,14 @@ TORN = _row(ok("/in/torn\nrow.png", "t", 7))  # a quoted path with a newline in 
 def test_a_row_torn_anywhere_even_inside_a_quoted_path_is_dropped_alone(tmp_path: Path, cut: int) -> None:
     out = tmp_path / "r.csv"
     sink = CsvSink(out)
-    sink.write(ok("/in/with\nnewline.png", "a"))  # whole rows with quoted newlines stay
-    sink.write(ok('/in/quo"te.png', "b"))
+    sink.append([ok("/in/with\nnewline.png", "a")])  # whole rows with quoted newlines stay
+    sink.append([ok('/in/quo"te.png', "b")])
     sink.close()
     with open(out, "ab") as f:
         f.write(TORN[:cut])  # what a machine crash mid-write could leave
     sink = CsvSink(out)
     assert set(sink.done) == {"a", "b"}
-    sink.write(ok("/in/c.png", "c"))
+    sink.append([ok("/in/c.png", "c")])
     sink.close()
     assert [(r["path"], r["id"]) for r in read_rows(out)] == [
         ("/in/with\nnewline.png", "a"),
@@ -84,7 +84,7 @@ def test_a_torn_header_is_written_again(tmp_path: Path) -> None:
     out = tmp_path / "r.csv"
     out.write_bytes(",".join(CSV_COLUMNS).encode()[:11])
     sink = CsvSink(out)
-    sink.write(ok("/in/a.png", "a"))
+    sink.append([ok("/in/a.png", "a")])
     sink.close()
     assert [r["id"] for r in read_rows(out)] == ["a"]
     assert out.read_bytes().startswith(",".join(CSV_COLUMNS).encode() + b"\r\n")
@@ -95,7 +95,7 @@ def test_an_older_header_is_kept_and_rows_go_under_it_with_its_columns(tmp_path:
     out.write_bytes(f"{OLD_HEADER}\r\n/in/old.png,2,0.9000,v,,o,t\r\n".encode())
     sink = CsvSink(out)
     assert set(sink.done) == {"o"}
-    sink.write(Result.failed("/in/bad.png", ErrorKind.TOO_LARGE, "too large", "n"))
+    sink.append([Result.failed("/in/bad.png", ErrorKind.TOO_LARGE, "too large", "n")])
     sink.close()
     text = out.read_text()
     assert text.splitlines()[0] == OLD_HEADER and "error_kind" not in text
@@ -181,7 +181,7 @@ def test_a_failed_write_is_taken_back_and_a_failed_take_back_is_finished_first(
 ) -> None:
     out = tmp_path / "r.csv"
     sink = CsvSink(out)
-    sink.write(ok("/in/a.png", "a"))
+    sink.append([ok("/in/a.png", "a")])
     whole = out.read_bytes()
     real_write, real_truncate = os.write, os.ftruncate
 
@@ -195,17 +195,17 @@ def test_a_failed_write_is_taken_back_and_a_failed_take_back_is_finished_first(
 
     monkeypatch.setattr(os, "write", short_then_full)
     with pytest.raises(OSError, match="No space"):
-        sink.write(ok("/in/b.png", "b"))
+        sink.append([ok("/in/b.png", "b")])
     assert out.read_bytes() == whole and set(sink.done) == {"a"}  # taken back
     monkeypatch.setattr(os, "ftruncate", cannot_truncate)
     with pytest.raises(OSError, match="No space"):
-        sink.write(ok("/in/b.png", "b"))
+        sink.append([ok("/in/b.png", "b")])
     assert len(out.read_bytes()) == len(whole) + 40  # torn, for now
     monkeypatch.setattr(os, "write", real_write)
     with pytest.raises(OSError, match="Input/output"):
-        sink.write(ok("/in/b.png", "b"))  # the torn bytes must go first; they cannot yet
+        sink.append([ok("/in/b.png", "b")])  # the torn bytes must go first; they cannot yet
     monkeypatch.setattr(os, "ftruncate", real_truncate)
-    assert sink.write(ok("/in/b.png", "b"))
+    assert sink.append([ok("/in/b.png", "b")])
     sink.close()
     assert [r["id"] for r in read_rows(out)] == ["a", "b"]
 
@@ -215,7 +215,7 @@ def test_an_older_header_without_moved_to_gets_rows_without_it(tmp_path: Path) -
     header = ",".join(c for c in CSV_COLUMNS if c != "moved_to")
     out.write_text(header + "\r\n")
     sink = CsvSink(out)
-    sink.write(Result(path="/in/a.png", id="a", digit=1, moved_to="/done/a.png"))
+    sink.append([Result(path="/in/a.png", id="a", digit=1, moved_to="/done/a.png")])
     sink.close()
     assert out.read_text().splitlines()[0] == header
     assert [(r["id"], "moved_to" in r) for r in read_rows(out)] == [("a", False)]
@@ -250,7 +250,7 @@ def test_a_quote_typed_into_a_cell_loses_no_row(tmp_path: Path, note: bytes, at:
     unsure = {f"id{at - 1}"} if b"," in note else set()
     assert set(sink.done) | unsure == {f"id{i}" for i in range(2000)}
     assert out.read_bytes() == edited  # nothing cut
-    assert not sink.write(ok("/in/7.png", "id7"))  # and none gets a second
+    assert not sink.append([ok("/in/7.png", "id7")])  # and none gets a second
     sink.append([ok(f"/in/new{i}.png", f"new{i}") for i in range(500)])
     sink.close()
     again = CsvSink(out)  # the next start reads all of it too

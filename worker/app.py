@@ -63,11 +63,6 @@ def _configure(sender: Celery, **_: Any) -> None:
     sender.config_from_object({**config(settings()), "worker_consumer": "worker.broker:Consumer"})
 
 
-def runtime() -> Runtime | None:
-    """This process's runtime (None before the worker started, or outside a worker)."""
-    return _runtime
-
-
 def queue_depth() -> int | None:
     try:
         with app.connection_for_read() as conn:

@@ -43,6 +43,7 @@ from kombu.transport import redis as kredis
 from kombu.transport import virtual
 
 from mnistq.redisfaults import out_of_memory
+from mnistq.urls import TCP_SCHEMES
 from worker import outage
 
 log = logging.getLogger(__name__)
@@ -232,6 +233,6 @@ class Transport(kredis.Transport):
 
 def install() -> None:
     """Use this transport for ``redis://`` and ``rediss://`` broker URLs in this process."""
-    for scheme in ("redis", "rediss"):
+    for scheme in TCP_SCHEMES:
         kombu.transport.TRANSPORT_ALIASES[scheme] = f"{__name__}:Transport"
         kombu.transport._transport_cache.pop(scheme, None)  # resolved again, to this class
