@@ -17,16 +17,12 @@ from mnistq.broker import BrokerUnavailable, Outage
 from mnistq.errors import MnistqError
 from mnistq.evidence import LOST_WHY
 from mnistq.protocol import ExitCode, Reply, Result, miscounted
+from mnistq.tuning import LATE_S, WORKER_CHECK_S
 
 if TYPE_CHECKING:
     from mnistq.evidence import LostWork
 
 log = logging.getLogger("mnistq.producer")
-
-#: Results are late when nothing was sent or answered for this long: then look for a worker.
-LATE_S = 10.0
-#: Between looks for a worker while results stay late.
-WORKER_CHECK_S = 60.0
 
 
 class ResultTimeout(MnistqError):

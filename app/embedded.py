@@ -22,7 +22,7 @@ import redis
 
 from mnistq.errors import ConfigError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("mnistq.embedded")  # its name before it moved to app/
 
 _PR_SET_PDEATHSIG = 1
 

@@ -31,11 +31,10 @@ from mnistq.errors import MnistqError
 from mnistq.folders import Folders
 from mnistq.protocol import EXTENSIONS, ExitCode
 from mnistq.settings import RUN_STATE_NAME, Settings, cores
+from mnistq.tuning import FAILURE_GRACE_S
 
-log = logging.getLogger("app.run")
+log = logging.getLogger("mnistq.run")
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-#: After a fatal worker failure the watcher cannot finish its rows; it gets this long to notice.
-FAILURE_GRACE_S = 10.0
 
 
 #: Worker processes per core at most: each holds its model and ~0.8 GB; more only share the

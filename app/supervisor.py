@@ -28,12 +28,9 @@ from app.embedded import EmbeddedRedis, die_with_parent
 from mnistq.errors import ConfigError, MnistqError, ModelError
 from mnistq.protocol import QUEUE, ExitCode
 from mnistq.settings import Settings, cores
+from mnistq.tuning import MAX_RESTART_DELAY_S, QUICK_EXIT_S
 
-log = logging.getLogger("app.run")
-
-#: A worker that lived shorter than this before exiting is restarted after a growing delay.
-QUICK_EXIT_S = 10.0
-MAX_RESTART_DELAY_S = 30.0
+log = logging.getLogger("mnistq.run")
 
 
 def worker_command(

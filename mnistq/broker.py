@@ -19,6 +19,7 @@ from kombu.utils.url import maybe_sanitize_url
 
 from mnistq.errors import ConfigError
 from mnistq.redisfaults import credentials_refused, out_of_memory, refused_message
+from mnistq.tuning import REMIND_EVERY_S
 from mnistq.urls import is_redis
 
 log = logging.getLogger("mnistq.producer")
@@ -72,7 +73,9 @@ def unreachable(url: str, error: BaseException) -> BrokerUnavailable | BrokerRef
 class Outage:
     """Reports one server's outages in a few lines; thread-safe."""
 
-    def __init__(self, name: str, every_s: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, name: str, every_s: float = REMIND_EVERY_S, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.name, self.every_s, self.clock = name, every_s, clock
         self.since: float | None = None  # when the current outage began
         self.error: str | None = None  # what it last said

@@ -41,6 +41,7 @@ import redis
 from kombu.transport.redis import PRIORITY_STEPS, Channel
 
 from mnistq.protocol import QUEUE
+from mnistq.tuning import CONFIRM_S, LOOK_EVERY_S
 from mnistq.urls import is_redis_broker
 
 log = logging.getLogger("mnistq.producer")
@@ -183,7 +184,7 @@ class LostWork:
         self,
         probe: Probe,
         *,
-        confirm_s: float = 5.0,
+        confirm_s: float = CONFIRM_S,
         fallback_s: float = 45.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -235,10 +236,6 @@ class LostWork:
             return None
 
 
-#: seconds between a Lookout's looks (LostWork rate-limits its own probes as well)
-LOOK_EVERY_S = 0.5
-
-
 class _Look(threading.Thread):
     """One look for lost work, on a thread of its own."""
 
@@ -287,7 +284,7 @@ class Lookout:
         return set()
 
 
-def lost_work_for(client: object, fallback_s: float, confirm_s: float = 5.0) -> LostWork:
+def lost_work_for(client: object, fallback_s: float, confirm_s: float = CONFIRM_S) -> LostWork:
     """A LostWork for a Client (its app and Redis), or the fallback alone for anything else."""
     app, r = getattr(client, "app", None), getattr(client, "redis", None)
     probe: Probe = RedisProbe(app, r) if isinstance(app, celery.Celery) and r is not None else NoProbe()

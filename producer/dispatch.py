@@ -33,17 +33,13 @@ from mnistq.broker import BrokerRefused
 from mnistq.evidence import LOST_WHY, Lookout, LostWork, NoProbe
 from mnistq.folders import Folders
 from mnistq.protocol import ErrorKind, Reply, Result, miscounted
+from mnistq.tuning import MAX_IN_FLIGHT, MIN_TIMED_S, SEND_WARN_EVERY_S
 from producer.access import Denied, blocking_folder, folder_id
 from producer.csvsink import CsvSink
 from producer.finish import RETRY_S, Answer, Finisher, Landed
 from producer.inbox import file_id, identity, lstat
 
 log = logging.getLogger("mnistq.producer")
-
-#: files in flight at most: bounds the producer's memory and the queue, whatever the inbox holds
-MAX_IN_FLIGHT = 4096
-#: at most one line per this many seconds about sends that fail (a broker that is down)
-SEND_WARN_EVERY_S = 30.0
 
 
 class Sender(Protocol):
@@ -52,10 +48,6 @@ class Sender(Protocol):
     ) -> str:
         """Send one message; raise if the broker did not take it."""
         ...
-
-
-#: The work a rate is shown for: less is a few files' latency, not a throughput.
-MIN_TIMED_S = 1.0
 
 
 @dataclass(frozen=True)

@@ -43,15 +43,13 @@ from pathlib import Path
 from mnistq.csvcell import escapings, unescaped
 from mnistq.folders import Folders
 from mnistq.protocol import ErrorKind, Result
+from mnistq.tuning import RETRY_S
 from producer.access import Denied, blocking_folder, folder_id, unreadable
 from producer.csvsink import CsvSink
 from producer.inbox import DISK_ERRNOS, file_id, identity, lstat, remove, target
 from producer.place import lstat_placed, place, unlink_strays, unplace
 
 log = logging.getLogger("mnistq.producer")
-
-#: seconds between tries while the disk refuses the rows
-RETRY_S = 2.0
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,18 @@ from mnistq.evidence import lost_work_for
 from mnistq.folders import Folders
 from mnistq.protocol import Reply
 from mnistq.settings import Settings
+from mnistq.tuning import (
+    COLLECT_WAIT_S,
+    DENIED_RESCAN_S,
+    EVENT_WAIT_S,
+    GRACE_S,
+    HOLD,
+    HOME_LOOK_S,
+    IDLE_WAIT_S,
+    LOG_EVERY_S,
+    PING_EVERY_S,
+    RESCAN_S,
+)
 from producer.access import Denied, folder_id
 from producer.csvsink import CsvSink
 from producer.dispatch import MAX_IN_FLIGHT, Dispatcher, Progress
@@ -35,24 +47,6 @@ from producer.intake import EventKind, Intake
 from producer.lock import relock_inbox
 
 log = logging.getLogger("mnistq.producer")
-
-#: How long the loop waits for hints while candidates settle (their checks are due in time);
-#: hints, answers and stops wake it at once, so this bounds no file's delay.
-EVENT_WAIT_S = 0.02
-#: ... and while nothing settles: only the periodic looks (lost work, retries, rescans, the
-#: broker) wait on it, and they run every 0.5 s or less often.
-IDLE_WAIT_S = 0.1
-#: How long the collector blocks on the reply list per call: bounds how late it sees a stop.
-COLLECT_WAIT_S = 0.2
-#: Between progress log lines.
-LOG_EVERY_S = 10.0
-#: While the broker is away, how often the loop asks whether it is back.
-PING_EVERY_S = 1.0
-#: How often the loop looks whether the inbox is still the folder it took (one stat).
-HOME_LOOK_S = 0.1
-#: While some folder or file cannot be read (a permission), how often the inbox is read again:
-#: its files are taken as soon as the permission is back.
-DENIED_RESCAN_S = 5.0
 
 
 class Connection(Protocol):
@@ -85,16 +79,13 @@ class WatchOptions:
     drain: bool = False  # process what is in the inbox, then return
     message_size: int = _DEFAULTS.message_size
     max_inflight: int = MAX_IN_FLIGHT
-    #: candidates, ready files and waiting hints held, each (at least 4 messages): past that
-    #: the inbox keeps the files and a pass over it finds them. A burst of 10,000 fits without
-    #: one; a path held costs ~200 bytes, so ~1 MB each.
-    hold: int = 4096
+    hold: int = HOLD
     settle_s: float = _DEFAULTS.settle_s
-    rescan_s: float = 30.0
+    rescan_s: float = RESCAN_S
     #: where the broker cannot be listed, unanswered work is sent again after this long
     #: (settings.resend_after_s); on Redis, lost work is found by looking (mnistq/evidence.py)
     resend_s: float = _DEFAULTS.resend_after_s
-    grace_s: float = 60.0  # on stop, how long to wait for the rows of files in flight
+    grace_s: float = GRACE_S
 
     @classmethod
     def from_settings(

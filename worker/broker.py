@@ -23,12 +23,10 @@ from celery.worker.state import maybe_shutdown
 
 from mnistq.protocol import TASK_NAME, ExitCode
 from mnistq.redisfaults import credentials_refused, refused_message
+from mnistq.tuning import RETRY_MAX_S
 from worker import outage
 
 log = logging.getLogger("mnistq.worker")
-
-#: seconds between reconnect attempts, at most (1, 2, 3, ... then every RETRY_MAX_S)
-RETRY_MAX_S = 5
 
 
 class Consumer(celery_consumer.Consumer):

@@ -11,9 +11,7 @@ from kombu.utils.url import maybe_sanitize_url
 from mnistq.errors import ConfigError
 from mnistq.protocol import QUEUE
 from mnistq.settings import Settings
-
-#: seconds `mnistq status` gives the broker to answer before it says it cannot reach it
-BROKER_TIMEOUT_S = 3.0
+from mnistq.tuning import BROKER_TIMEOUT_S
 
 
 def main(argv: list[str]) -> int:

@@ -16,11 +16,9 @@ from collections.abc import Callable
 from kombu.utils.url import maybe_sanitize_url
 
 from mnistq.redisfaults import out_of_memory
+from mnistq.tuning import REMIND_EVERY_S
 
 log = logging.getLogger("mnistq.worker")
-
-#: at most one "still unreachable" line per this many seconds while a server stays away
-REMIND_EVERY_S = 30.0
 
 
 def _reason(error: BaseException) -> str:

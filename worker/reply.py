@@ -10,14 +10,11 @@ from typing import Any
 import redis
 
 from mnistq.redisfaults import out_of_memory
+from mnistq.tuning import REPLY_RETRY_S
 from worker import outage
 
 log = logging.getLogger("mnistq.worker")
 
-#: how long a task thread keeps trying to deliver a reply while the results Redis is away (or
-#: full): longer than a Redis restart takes; the message stays this worker's meanwhile (its
-#: delivery time is renewed, worker/redis_transport.py); after that the producer resends
-REPLY_RETRY_S = 20.0
 
 #: a Redis away, or at maxmemory with noeviction (it takes no write until memory is freed)
 _RETRY_ON = (
