@@ -32,9 +32,10 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from api.job import Job
-from mnistq.broker import SERVER_ERRORS, BrokerUnavailable, Outage, safe_url, server_name, unreachable
+from mnistq.broker import SERVER_ERRORS, BrokerUnavailable, safe_url, server_name, unreachable
 from mnistq.celeryconf import make_app
 from mnistq.errors import ConfigError
+from mnistq.outage import Outage
 from mnistq.protocol import MAX_PATHS, QUEUE, TASK_NAME, ClassifyRequest, Reply, Result, reply_key
 from mnistq.settings import AUTO, ReviewBelow, Settings, parse_review_below
 
@@ -96,7 +97,7 @@ class Client:
         if not 1 <= self.message_size <= MAX_PATHS:  # workers refuse a longer message
             raise ConfigError(f"message_size must be 1 to {MAX_PATHS}, not {message_size}")
         self.reconnect_s = reconnect_s
-        self.outage = Outage(server_name(self.url))
+        self.outage = Outage(server_name(self.url), log=log, described=True)
         #: whether the broker ever answered this client: until it has, a failure is a wrong URL or
         #: nothing running (said at once), not an outage to ride out
         self.contacted = False
@@ -248,7 +249,7 @@ class Client:
     def broker_ok(self) -> None:
         """The broker answered: from now on a failure is an outage, ridden out."""
         self.contacted = True
-        self.outage.ok()
+        self.outage.back()
 
     def wait_for_broker(self, error: BrokerUnavailable, pause: float = 1.0) -> None:
         """Count an outage: say so (a few lines, see Outage), pause, or give up past reconnect_s.

@@ -13,9 +13,10 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from mnistq.broker import BrokerUnavailable, Outage
+from mnistq.broker import BrokerUnavailable
 from mnistq.errors import MnistqError
 from mnistq.evidence import LOST_WHY
+from mnistq.outage import Outage
 from mnistq.protocol import ExitCode, Reply, Result, miscounted
 from mnistq.tuning import LATE_S, WORKER_CHECK_S
 

@@ -37,7 +37,7 @@ class Echo:
     """Broker and workers in one: every message answered at once, digit 7."""
 
     def __init__(self) -> None:
-        from mnistq.broker import Outage
+        from mnistq.outage import Outage
 
         self.outage = Outage("the broker")
         self._replies: queue.SimpleQueue[object] = queue.SimpleQueue()

@@ -20,10 +20,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from mnistq.broker import BrokerRefused, BrokerUnavailable, Outage
+from mnistq.broker import BrokerRefused, BrokerUnavailable
 from mnistq.errors import ConfigError
 from mnistq.evidence import lost_work_for
 from mnistq.folders import Folders
+from mnistq.outage import Outage
 from mnistq.protocol import Reply
 from mnistq.settings import Settings
 from mnistq.tuning import (
@@ -296,7 +297,7 @@ class Watcher:
         except BrokerUnavailable as e:
             outage.failed(e)
             return False
-        outage.ok()
+        outage.back()
         return True
 
     def _collect(self, finished: threading.Event) -> None:
@@ -315,7 +316,7 @@ class Watcher:
                 log.exception("receiving results failed; retrying")
                 finished.wait(1)
                 continue
-            outage.ok()
+            outage.back()
             for reply in replies:  # one reply's failure never drops the others
                 try:
                     self.dispatch.on_reply(reply)

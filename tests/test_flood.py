@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 from helpers_run import read_rows
 
-from mnistq.broker import Outage
 from mnistq.folders import Folders
+from mnistq.outage import Outage
 from mnistq.protocol import Reply, Result
 from producer.csvsink import CsvSink
 from producer.events import Hints

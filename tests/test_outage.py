@@ -32,7 +32,7 @@ def _lines(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
 def test_one_warning_a_reminder_every_30_s_and_one_info_when_back(caplog) -> None:
     caplog.set_level(logging.INFO)
     clock = Clock()
-    o = outage.Outage("redis://:**@db:6379/0", clock=clock)
+    o = outage.Outage("redis://:**@db:6379/0", clock=clock, log=outage.log)
     refused = redis.exceptions.ConnectionError("Error 111 connecting to db:6379.\nConnection refused.")
     for _ in range(29):  # a try a second for 29 s
         o.failed(refused)
@@ -58,7 +58,7 @@ def test_one_warning_a_reminder_every_30_s_and_one_info_when_back(caplog) -> Non
 def test_broker_and_results_share_one_outage_when_they_are_one_server() -> None:
     try:
         outage.configure("redis://:pw@db:6379/0", "redis://:pw@db:6379/0")
-        assert outage.broker() is outage.results() and outage.broker().url == "redis://:**@db:6379/0"
+        assert outage.broker() is outage.results() and outage.broker().name == "redis://:**@db:6379/0"
         outage.configure("amqp://guest:pw@mq//", "redis://db:6379/0")
         assert outage.broker() is not outage.results()
     finally:

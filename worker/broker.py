@@ -40,7 +40,7 @@ class Consumer(celery_consumer.Consumer):
 
         def errback(error: BaseException, interval: float) -> None:
             nonlocal attempt
-            _unless_refused(error, watch.url)
+            _unless_refused(error, watch.name)
             watch.failed(error, attempt)
             attempt = watch.clock()  # the next attempt begins after this
 
@@ -81,11 +81,11 @@ class Consumer(celery_consumer.Consumer):
         self._drop(message, f"its body cannot be read ({_clip(exc)})")
 
     def on_connection_error_before_connected(self, exc: BaseException) -> None:
-        _unless_refused(exc, outage.broker().url)
+        _unless_refused(exc, outage.broker().name)
         outage.broker().failed(exc)
 
     def on_connection_error_after_connected(self, exc: BaseException) -> None:
-        _unless_refused(exc, outage.broker().url)
+        _unless_refused(exc, outage.broker().name)
         outage.broker().failed(exc)  # in place of Celery's warning, which _Quiet drops
         super().on_connection_error_after_connected(exc)
 
