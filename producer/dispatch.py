@@ -31,13 +31,13 @@ from typing import Protocol
 
 from mnistq.broker import BrokerRefused
 from mnistq.evidence import LOST_WHY, Lookout, LostWork, NoProbe
-from mnistq.folders import Folders
 from mnistq.protocol import ErrorKind, Reply, Result, miscounted
-from mnistq.tuning import MAX_IN_FLIGHT, MIN_TIMED_S, SEND_WARN_EVERY_S
+from mnistq.tuning import MIN_TIMED_S, SEND_WARN_EVERY_S
 from producer.access import Denied, blocking_folder, folder_id
 from producer.csvsink import CsvSink
-from producer.finish import RETRY_S, Answer, Finisher, Landed
+from producer.finish import Answer, Finisher, Landed
 from producer.inbox import file_id, identity, lstat
+from producer.options import WatchOptions
 
 log = logging.getLogger("mnistq.producer")
 
@@ -95,14 +95,9 @@ class Dispatcher:
         self,
         sender: Sender,
         sink: CsvSink,
-        folders: Folders,
+        opts: WatchOptions,
         *,
-        keep: bool = False,
-        message_size: int = 256,
-        max_inflight: int = MAX_IN_FLIGHT,
         lost: LostWork | None = None,
-        resend_s: float = 45.0,
-        retry_s: float = RETRY_S,
         clock: Callable[[], float] = time.monotonic,
         on_progress: Callable[[Progress], None] | None = None,
         on_replaced: Callable[[str], None] | None = None,
@@ -112,22 +107,15 @@ class Dispatcher:
         unanswered) applies. ``denied``: where files that cannot be read for a permission are
         told (they get no row until they can be)."""
         self.sender = sender
-        self.inbox = folders.inbox
-        self.keep, self.message_size, self.max_inflight = keep, message_size, max_inflight
-        self.lost = lost or LostWork(NoProbe(), fallback_s=resend_s, clock=clock)
+        self.inbox = opts.folders.inbox
+        self.keep, self.message_size, self.max_inflight = opts.keep, opts.message_size, opts.max_inflight
+        self.lost = lost or LostWork(NoProbe(), fallback_s=opts.resend_s, clock=clock)
         self.clock = clock
         self.on_progress, self.on_replaced = on_progress, on_replaced
-        self.finisher = Finisher(
-            sink,
-            folders,
-            keep=keep,
-            retry_s=retry_s,
-            clock=clock,
-            denied=denied,
-        )
+        self.finisher = Finisher(sink, opts, clock=clock, denied=denied)
         #: the inbox folder (device, inode) files are sent from now; the watcher sets it when a
         #: new folder takes the inbox's place. A file whose inbox changed gets no row.
-        self.home = folder_id(folders.inbox)
+        self.home = folder_id(opts.folders.inbox)
         # The loop sends and resends, the collector thread answers: this guards what both touch.
         self._lock = threading.Lock()
         self._flights: dict[str, _Flight] = {}  # file id -> where it is

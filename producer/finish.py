@@ -41,12 +41,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from mnistq.csvcell import escapings, unescaped
-from mnistq.folders import Folders
 from mnistq.protocol import ErrorKind, Result
-from mnistq.tuning import RETRY_S
 from producer.access import Denied, blocking_folder, folder_id, unreadable
 from producer.csvsink import CsvSink
 from producer.inbox import DISK_ERRNOS, file_id, identity, lstat, remove, target
+from producer.options import WatchOptions
 from producer.place import lstat_placed, place, unlink_strays, unplace
 
 log = logging.getLogger("mnistq.producer")
@@ -89,17 +88,15 @@ class Finisher:
     def __init__(
         self,
         sink: CsvSink,
-        folders: Folders,
+        opts: WatchOptions,
         *,
-        keep: bool = False,
-        retry_s: float = RETRY_S,
         clock: Callable[[], float] = time.monotonic,
         denied: Denied | None = None,
     ) -> None:
         self.denied = denied or Denied()
-        self.sink, self.inbox = sink, folders.inbox
-        self.done_dir, self.review_dir, self.failed_dir = folders.outputs
-        self.keep, self.retry_s, self.clock = keep, retry_s, clock
+        self.sink, self.inbox = sink, opts.folders.inbox
+        self.done_dir, self.review_dir, self.failed_dir = opts.folders.outputs
+        self.keep, self.retry_s, self.clock = opts.keep, opts.retry_s, clock
         # Replies (the collector) and retries and scans (the loop) come from two threads.
         self._lock = threading.RLock()
         self._waiting: collections.deque[list[Answer]] = collections.deque()

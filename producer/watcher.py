@@ -17,35 +17,31 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Protocol
 
 from mnistq.broker import BrokerRefused, BrokerUnavailable
 from mnistq.errors import ConfigError
 from mnistq.evidence import lost_work_for
-from mnistq.folders import Folders
 from mnistq.outage import Outage
 from mnistq.protocol import Reply
-from mnistq.settings import Settings
 from mnistq.tuning import (
     COLLECT_WAIT_S,
     DENIED_RESCAN_S,
     EVENT_WAIT_S,
-    GRACE_S,
-    HOLD,
     HOME_LOOK_S,
     IDLE_WAIT_S,
     LOG_EVERY_S,
     PING_EVERY_S,
-    RESCAN_S,
 )
 from producer.access import Denied, folder_id
 from producer.csvsink import CsvSink
-from producer.dispatch import MAX_IN_FLIGHT, Dispatcher, Progress
+from producer.dispatch import Dispatcher, Progress
 from producer.events import Hints, Source, source_for
 from producer.inbox import scan
 from producer.intake import EventKind, Intake
 from producer.lock import relock_inbox
+from producer.options import WatchOptions
 
 log = logging.getLogger("mnistq.producer")
 
@@ -66,48 +62,6 @@ class Connection(Protocol):
     def receive(self, timeout: float) -> list[Reply]:
         """Raise BrokerUnavailable when the broker cannot be reached."""
         ...
-
-
-#: the settings' defaults, for options built without Settings (WatchOptions.from_settings)
-_DEFAULTS = Settings()
-
-
-@dataclass
-class WatchOptions:
-    folders: Folders
-    polling: bool = False
-    keep: bool = False
-    drain: bool = False  # process what is in the inbox, then return
-    message_size: int = _DEFAULTS.message_size
-    max_inflight: int = MAX_IN_FLIGHT
-    hold: int = HOLD
-    settle_s: float = _DEFAULTS.settle_s
-    rescan_s: float = RESCAN_S
-    #: where the broker cannot be listed, unanswered work is sent again after this long
-    #: (settings.resend_after_s); on Redis, lost work is found by looking (mnistq/evidence.py)
-    resend_s: float = _DEFAULTS.resend_after_s
-    grace_s: float = GRACE_S
-
-    @classmethod
-    def from_settings(
-        cls,
-        settings: Settings,
-        folders: Folders,
-        *,
-        polling: bool = False,
-        keep: bool = False,
-        drain: bool = False,
-    ) -> WatchOptions:
-        """The options that the settings set (message size, resend, settle); the rest default."""
-        return cls(
-            folders=folders,
-            polling=polling,
-            keep=keep,
-            drain=drain,
-            message_size=settings.message_size,
-            resend_s=settings.resend_after_s,
-            settle_s=settings.settle_s,
-        )
 
 
 class Watcher:
@@ -131,10 +85,7 @@ class Watcher:
         self.dispatch = Dispatcher(
             client,
             sink,
-            folders,
-            keep=opts.keep,
-            message_size=opts.message_size,
-            max_inflight=opts.max_inflight,
+            replace(opts, folders=folders),
             lost=lost_work_for(client, opts.resend_s),
             on_progress=on_progress,
             # a new file took a finished one's name: it is new work

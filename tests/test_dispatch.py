@@ -18,6 +18,7 @@ from mnistq.protocol import ErrorKind, Reply, Result
 from producer.csvsink import CsvSink
 from producer.dispatch import Dispatcher, Progress
 from producer.inbox import file_id
+from producer.options import WatchOptions
 
 
 class Clock:
@@ -68,10 +69,16 @@ class Setup:
         self.sink = CsvSink(self.csv)
         self.replaced: list[str] = []
         self.progress: list[Progress] = []
+        # the pipeline's options (WatchOptions) from those given; the rest go to the Dispatcher
+        opts = {
+            k: options.pop(k)
+            for k in ("keep", "message_size", "max_inflight", "resend_s", "retry_s")
+            if k in options
+        }
         self.dispatch = Dispatcher(
             self.broker,
             self.sink,
-            Folders.of(self.inbox, self.csv, self.done, self.failed),
+            WatchOptions(Folders.of(self.inbox, self.csv, self.done, self.failed), **opts),  # type: ignore[arg-type]
             clock=self.clock,
             on_replaced=self.replaced.append,
             on_progress=self.progress.append,

@@ -26,6 +26,7 @@ from mnistq.safeopen import open_folder
 from producer import inbox
 from producer.csvsink import CsvSink
 from producer.dispatch import Dispatcher
+from producer.options import WatchOptions
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -55,7 +56,7 @@ def restart(s: Setup) -> Dispatcher:
     """A new producer on the same inbox, CSV and folders."""
     s.sink.close()
     s.sink = CsvSink(s.csv)
-    s.dispatch = Dispatcher(s.broker, s.sink, Folders.of(s.inbox, s.csv, s.done, s.failed))
+    s.dispatch = Dispatcher(s.broker, s.sink, WatchOptions(Folders.of(s.inbox, s.csv, s.done, s.failed)))
     return s.dispatch
 
 
