@@ -43,13 +43,7 @@ class Sender(Protocol):
     outage: Outage
 
     def send(
-        self,
-        paths: Sequence[str],
-        ids: Sequence[str] | None = None,
-        *,
-        task_id: str | None = None,
-        probabilities: bool = False,
-        review_below: str | float | None = None,
+        self, paths: Sequence[str], *, task_id: str, probabilities: bool, review_below: str | float | None
     ) -> str: ...
 
     def pump(self, timeout: float) -> None: ...
