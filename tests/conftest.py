@@ -6,6 +6,7 @@ With REDIS_URL set, the tests use (and flush) databases 1-15 of that server.
 from __future__ import annotations
 
 import itertools
+import multiprocessing.process
 import os
 import shutil
 import signal
@@ -17,7 +18,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 import redis
-from helpers_images import DIGITS, SHIPPED_MODEL, digit_image
+from helpers import worker_env
+from helpers_images import DIGITS, digit_image
 from PIL import Image
 
 from mnistq.supervisor import worker_command
@@ -26,6 +28,33 @@ if TYPE_CHECKING:
     from helpers_run import Run
 
 _db = itertools.count()
+
+#: fixtures that start a process (a Redis server, `mnistq run`): a test that uses one, through any
+#: fixture of its own, is a `system` test without saying so
+PROCESS_FIXTURES = {"redis_server", "start_run"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.system)
+
+
+@pytest.fixture(autouse=True)
+def _only_system_tests_start_processes(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`pytest -m "not system"` is the fast loop: a test outside it that starts a process fails
+    here, so the split stays true as tests are added."""
+    if request.node.get_closest_marker("system"):
+        return
+    where = request.node.nodeid
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"{where} starts a process: mark it `system` (pyproject.toml's markers)")
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)
 
 
 @pytest.fixture(scope="session")
@@ -58,14 +87,7 @@ def fresh_db(base: str, n: int | None = None) -> str:
 class WorkerProc:
     def __init__(self, url: str, name: str, roots: Path, log: Path, **env: str) -> None:
         self.url, self.name, self.log = url, name, log
-        self.env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("MNISTQ_")},
-            "REDIS_URL": url,
-            "MNISTQ_ALLOWED_ROOTS": str(roots),
-            "MNISTQ_MODEL": str(SHIPPED_MODEL),
-            "MNISTQ_THREADS": "1",
-            **env,
-        }
+        self.env = worker_env(url, roots, **env)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, wait: bool = True) -> WorkerProc:

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 from conftest import WorkerProc, fresh_db, write_digits
+from helpers import MNISTQ, free_port, wait_for
 
 import producer.job
 from mnistq.embedded import EmbeddedRedis
@@ -24,9 +23,9 @@ from producer.broker import BrokerUnavailable
 from producer.client import NoWorker
 
 pytestmark = pytest.mark.timeout(180)
-MNISTQ = [sys.executable, "-c", "import sys; from mnistq.cli import main; sys.exit(main())"]
 
 
+@pytest.mark.system
 def test_no_worker_is_named_when_results_are_late(
     redis_server: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -61,9 +60,7 @@ def test_a_broker_never_reached_is_said_at_once_without_waiting(
 ) -> None:
     """The README's snippet with nothing on the port: the error within seconds, not after the
     60 s an outage is ridden out, and no "waiting for it"."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        url = f"redis://:secret@127.0.0.1:{s.getsockname()[1]}/0"
+    url = f"redis://:secret@127.0.0.1:{free_port()}/0"
     files = write_digits(tmp_path, 1)
     caplog.set_level(logging.INFO, "mnistq.producer")
     with Client(url, settings=Settings(redis_url=url)) as client:  # the default reconnect_s (60)
@@ -80,6 +77,7 @@ def test_a_broker_never_reached_is_said_at_once_without_waiting(
     assert not any("waiting for it" in m for m in caplog.messages), caplog.messages
 
 
+@pytest.mark.system
 def test_a_job_rides_out_an_outage_then_gives_up_after_reconnect_s(tmp_path: Path) -> None:
     """Once the broker answered, its going away is an outage: waited out for reconnect_s."""
     server = EmbeddedRedis()
@@ -96,6 +94,7 @@ def test_a_job_rides_out_an_outage_then_gives_up_after_reconnect_s(tmp_path: Pat
         server.stop()
 
 
+@pytest.mark.system
 def test_job_results_survive_a_redis_restart_without_persistence(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -123,7 +122,11 @@ def test_job_results_survive_a_redis_restart_without_persistence(
             # Restarted from this thread: the server dies with the thread that started it.
             time.sleep(1)  # the job is waiting on its results now
             server.kill()
-            time.sleep(2)  # the job meets the outage
+            wait_for(
+                lambda: any("cannot reach Redis" in m for m in caplog.messages),
+                30,
+                "the job to meet the outage",
+            )
             server.start()  # same port, empty: the 5 messages are gone
             worker.start(wait=False)
             waiter.join(150)
