@@ -5,6 +5,7 @@ With REDIS_URL set, the tests use (and flush) databases 1-15 of that server.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import multiprocessing.process
 import os
@@ -40,21 +41,45 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.system)
 
 
-@pytest.fixture(autouse=True)
-def _only_system_tests_start_processes(
-    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """`pytest -m "not system"` is the fast loop: a test outside it that starts a process fails
-    here, so the split stays true as tests are added."""
-    if request.node.get_closest_marker("system"):
+@contextlib.contextmanager
+def _no_processes(item: pytest.Item) -> Iterator[None]:
+    """While a test that is not `system` is set up and runs (its module or session fixtures
+    included), starting a process fails it."""
+    if item.get_closest_marker("system"):
+        yield
         return
-    where = request.node.nodeid
+    popen, start = subprocess.Popen.__init__, multiprocessing.process.BaseProcess.start
 
     def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError(f"{where} starts a process: mark it `system` (pyproject.toml's markers)")
+        raise AssertionError(f"{item.nodeid} starts a process: mark it `system` (pyproject.toml's markers)")
 
-    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
-    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)
+    def checked(self: subprocess.Popen[bytes], argv: object, *args: object, **kwargs: object) -> None:
+        # ctypes.util.find_library asks ldconfig where a library is: not a process of the test's
+        if not (isinstance(argv, list) and argv and os.path.basename(str(argv[0])) == "ldconfig"):
+            refuse()
+        popen(self, argv, *args, **kwargs)  # type: ignore[arg-type]
+
+    subprocess.Popen.__init__ = checked  # type: ignore[method-assign]
+    multiprocessing.process.BaseProcess.start = refuse  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        subprocess.Popen.__init__ = popen  # type: ignore[method-assign]
+        multiprocessing.process.BaseProcess.start = start  # type: ignore[method-assign]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    """`pytest -m "not system"` is the fast loop: a test outside it that starts a process fails,
+    so the split stays true as tests are added."""
+    with _no_processes(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    with _no_processes(item):
+        return (yield)
 
 
 @pytest.fixture(scope="session")

@@ -95,6 +95,7 @@ MISTAKES = {
 
 
 @pytest.mark.parametrize("name", list(MISTAKES))
+@pytest.mark.system
 def test_each_mistake_is_one_line_and_creates_nothing(name: str, tmp_path: Path) -> None:
     args, expected = MISTAKES[name]
     (tmp_path / "README.md").write_text("not a folder\n")
@@ -118,6 +119,7 @@ def test_each_mistake_is_one_line_and_creates_nothing(name: str, tmp_path: Path)
 
 
 @pytest.mark.parametrize("command", ["watch", "classify"])
+@pytest.mark.system
 def test_help_needs_no_broker(command: str, tmp_path: Path) -> None:
     out = mnistq(command, "--help", cwd=tmp_path, env=environ())
     assert out.returncode == 0, out.stderr
@@ -125,6 +127,7 @@ def test_help_needs_no_broker(command: str, tmp_path: Path) -> None:
     assert tree(tmp_path) == set()
 
 
+@pytest.mark.system
 def test_classify_with_a_dead_broker_fails_at_once(tmp_path: Path) -> None:
     url = dead_url()
     started = time.monotonic()

@@ -159,6 +159,7 @@ def _mnistq(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.system
 def test_mnistq_worker_needs_redis_url_but_not_for_help() -> None:
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL" and not k.startswith("MNISTQ_")}
     out = _mnistq(["worker"], env)
