@@ -34,10 +34,10 @@ def test_no_worker_is_named_when_results_are_late(
     monkeypatch.setattr(producer.job, "LATE_S", 0.5)  # a wait says so before the timeout
     caplog.set_level(logging.WARNING, "mnistq.producer")
     with Client(url, settings=Settings(redis_url=url)) as client, pytest.raises(NoWorker) as err:
-        client.classify(list(files), timeout=4)
+        client.classify(list(files), timeout=2)
     message = str(err.value)
     assert isinstance(err.value, ResultTimeout) and err.value.exit_code == ExitCode.CONFIG
-    assert message.startswith("2 of 2 results missing after 4")
+    assert message.startswith("2 of 2 results missing after 2")
     assert f"no worker is consuming queue 'mnistq' on {url}" in message
     assert f"`REDIS_URL={url} mnistq worker`" in message
     assert any("results are late: no worker is consuming" in m for m in caplog.messages)
