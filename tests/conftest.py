@@ -5,7 +5,9 @@ With REDIS_URL set, the tests use (and flush) databases 1-15 of that server.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import multiprocessing.process
 import os
 import shutil
 import signal
@@ -17,7 +19,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 import redis
-from helpers_images import DIGITS, SHIPPED_MODEL, digit_image
+from helpers import worker_env
+from helpers_images import DIGITS, digit_image
 from PIL import Image
 
 from app.supervisor import worker_command
@@ -26,6 +29,57 @@ if TYPE_CHECKING:
     from helpers_run import Run
 
 _db = itertools.count()
+
+#: fixtures that start a process (a Redis server, `mnistq run`): a test that uses one, through any
+#: fixture of its own, is a `system` test without saying so
+PROCESS_FIXTURES = {"redis_server", "start_run"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.system)
+
+
+@contextlib.contextmanager
+def _no_processes(item: pytest.Item) -> Iterator[None]:
+    """While a test that is not `system` is set up and runs (its module or session fixtures
+    included), starting a process fails it."""
+    if item.get_closest_marker("system"):
+        yield
+        return
+    popen, start = subprocess.Popen.__init__, multiprocessing.process.BaseProcess.start
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"{item.nodeid} starts a process: mark it `system` (pyproject.toml's markers)")
+
+    def checked(self: subprocess.Popen[bytes], argv: object, *args: object, **kwargs: object) -> None:
+        # ctypes.util.find_library asks ldconfig where a library is: not a process of the test's
+        if not (isinstance(argv, list) and argv and os.path.basename(str(argv[0])) == "ldconfig"):
+            refuse()
+        popen(self, argv, *args, **kwargs)  # type: ignore[arg-type]
+
+    subprocess.Popen.__init__ = checked  # type: ignore[method-assign]
+    multiprocessing.process.BaseProcess.start = refuse  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        subprocess.Popen.__init__ = popen  # type: ignore[method-assign]
+        multiprocessing.process.BaseProcess.start = start  # type: ignore[method-assign]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    """`pytest -m "not system"` is the fast loop: a test outside it that starts a process fails,
+    so the split stays true as tests are added."""
+    with _no_processes(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    with _no_processes(item):
+        return (yield)
 
 
 @pytest.fixture(scope="session")
@@ -58,14 +112,7 @@ def fresh_db(base: str, n: int | None = None) -> str:
 class WorkerProc:
     def __init__(self, url: str, name: str, roots: Path, log: Path, **env: str) -> None:
         self.url, self.name, self.log = url, name, log
-        self.env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("MNISTQ_")},
-            "REDIS_URL": url,
-            "MNISTQ_ALLOWED_ROOTS": str(roots),
-            "MNISTQ_MODEL": str(SHIPPED_MODEL),
-            "MNISTQ_THREADS": "1",
-            **env,
-        }
+        self.env = worker_env(url, roots, **env)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, wait: bool = True) -> WorkerProc:

@@ -109,7 +109,9 @@ def mnistq_command() -> list[str]:
     exe = shutil.which("mnistq", path=str(Path(sys.executable).parent)) or shutil.which("mnistq")
     if exe:
         return [exe]
-    return [sys.executable, "-c", "import sys; from app.cli import main; sys.exit(main())"]
+    from helpers import MNISTQ  # imported here: helpers imports this module
+
+    return MNISTQ
 
 
 def run_mnistq(

@@ -11,16 +11,14 @@ import csv
 import os
 import re
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 from conftest import write_digits
+from helpers import MNISTQ
 from helpers_images import SHIPPED_MODEL
-
-MNISTQ = [sys.executable, "-c", "import sys; from app.cli import main; sys.exit(main())"]
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:

@@ -11,7 +11,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import redis
@@ -115,13 +115,3 @@ class Wire:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 30, what: str = "a condition") -> Any:
-    """Poll until ``predicate()`` is truthy (an outcome, not a guess at how long it takes)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

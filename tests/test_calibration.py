@@ -26,12 +26,33 @@ def tiny(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(tiny, tmp_path_factory) -> Path:
-    """Three epochs on the tiny set (200 images held out), with a small outlier bank."""
+def training(tiny, tmp_path_factory) -> tuple[Path, list[torch.Tensor], list[torch.Tensor]]:
+    """Three epochs on the tiny set (200 images held out), with a small outlier bank; and what
+    the training loop (each augmented batch, as bytes) and the outlier bank were given."""
     out = tmp_path_factory.mktemp("model") / "m.pt"
+    seen: list[torch.Tensor] = []
+    cut_from: list[torch.Tensor] = []
+    real_augment, real_bank = train_module.augment, calibrate.outlier_bank
+
+    def augment(x, *args):
+        seen.append((x[:, :, :, :] * 255).round().to(torch.uint8).cpu())
+        return real_augment(x, *args)
+
+    def bank(n, seed, x, y):
+        cut_from.append(x)
+        return real_bank(n, seed, x, y)
+
     args = ["--data-dir", str(tiny), "--epochs", "3", "--device", "cpu", "--precision", "fp32"]
-    assert train_module.main([*args, "--outliers", "600", "--out", str(out)]) == 0
-    return out
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_module, "augment", augment)
+        mp.setattr(calibrate, "outlier_bank", bank)
+        assert train_module.main([*args, "--outliers", "600", "--out", str(out)]) == 0
+    return out, seen, cut_from
+
+
+@pytest.fixture(scope="module")
+def trained(training) -> Path:
+    return training[0]
 
 
 def _test_logits(path: Path, tiny: Path) -> tuple[torch.Tensor, torch.Tensor, Calibration]:
@@ -127,6 +148,7 @@ def test_the_calibration_is_stored_and_part_of_the_version(trained):
 
 
 @CLI_TIMEOUT
+@pytest.mark.system
 def test_an_old_checkpoint_loads_at_temperature_one_and_says_so(trained, tiny, tmp_path):
     raw = torch.load(trained, map_location="cpu", weights_only=True)
     meta = {k: v for k, v in raw["meta"].items() if k not in ("calibration", "version")}
@@ -152,33 +174,18 @@ def test_an_old_checkpoint_loads_at_temperature_one_and_says_so(trained, tiny, t
     assert r.stdout.startswith("Predicted Digit: ") and "uncalibrated" in r.stdout
 
 
-def test_the_hold_out_is_never_trained_on(tiny, tmp_path, monkeypatch):
+def test_the_hold_out_is_never_trained_on(tiny, training):
     """Every image the training loop and the outlier bank see, against the held-out ones."""
+    path, seen, cut_from = training
     x_all, y_all, _ = data.load_split(tiny, "train")
     (x_train, _), (x_held, _) = data.hold_out(x_all, y_all, 5000)
     assert len(x_held) == 200 and torch.equal(x_held, x_all[-200:])  # the last images, a fifth at most
-    seen: list[torch.Tensor] = []
-    cut_from: list[torch.Tensor] = []
-    real_augment, real_bank = train_module.augment, calibrate.outlier_bank
-
-    def augment(x, *args):
-        seen.append((x[:, :, :, :] * 255).round().to(torch.uint8).cpu())
-        return real_augment(x, *args)
-
-    def bank(n, seed, x, y):
-        cut_from.append(x)
-        return real_bank(n, seed, x, y)
-
-    monkeypatch.setattr(train_module, "augment", augment)
-    monkeypatch.setattr(calibrate, "outlier_bank", bank)
-    argv = ["--data-dir", str(tiny), "--epochs", "1", "--device", "cpu", "--precision", "fp32"]
-    assert train_module.main([*argv, "--outliers", "100", "--out", str(tmp_path / "m.pt")]) == 0
     images = torch.cat(seen).flatten(1)
     trained_on = {bytes(row.numpy()) for row in images}
     assert {bytes(r.numpy()) for r in x_train.flatten(1)} <= trained_on  # every training image
     assert not {bytes(r.numpy()) for r in x_held.flatten(1)} & trained_on  # no held-out one
     assert all(torch.equal(x, x_train) for x in cut_from) and cut_from  # halves: training images
-    meta = load_checkpoint(tmp_path / "m.pt").meta
+    meta = load_checkpoint(path).meta
     assert (meta["train_images"], meta["holdout_images"]) == (800, 200)
 
 
@@ -186,6 +193,7 @@ def test_the_hold_out_is_never_trained_on(tiny, tmp_path, monkeypatch):
 
 
 @CLI_TIMEOUT
+@pytest.mark.system
 def test_evaluate_json_reports_calibration_and_review(trained, tiny, tmp_path):
     args = ("--json", "--model", trained, "--data-dir", tiny, "--nondigits", "60", "--device", "cpu")
     r = run_mnistq("evaluate", *args, "--precision", "fp32", cwd=tmp_path)

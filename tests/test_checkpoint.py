@@ -129,6 +129,7 @@ def test_load_checkpoint_bad_files(tmp_path, kind, message):
 
 
 @CLI_TIMEOUT
+@pytest.mark.system
 def test_cli_bad_model_is_one_error_line(tmp_path):
     path = _bad_file("truncated", tmp_path)
     r = run_mnistq("evaluate", "--model", path, "--data-dir", tmp_path / "no-data", cwd=tmp_path)

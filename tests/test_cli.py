@@ -4,22 +4,22 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import mnistq_argv
 
 from app.cli import COMMANDS
 from mnistq.protocol import ExitCode
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.system, pytest.mark.timeout(120)]
 #: Nothing listens there: a command that tried to reach it would fail or hang.
 DEAD_URL = "redis://:secret@127.0.0.1:9/0"
 
 
-def mnistq(cwd: Path, *args: str, code: str = "pass", **env: str) -> subprocess.CompletedProcess[str]:
+def mnistq(cwd: Path, *args: str, code: str = "", **env: str) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if k != "REDIS_URL" and not k.startswith("MNISTQ_")}
-    argv = [sys.executable, "-c", f"import sys; import app.cli as c; {code}; sys.exit(c.main())", *args]
+    argv = [*mnistq_argv(code), *args]
     return subprocess.run(argv, cwd=cwd, env={**base, **env}, capture_output=True, text=True, timeout=90)
 
 

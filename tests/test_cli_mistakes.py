@@ -5,28 +5,23 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import WorkerProc, fresh_db, write_digits
+from conftest import fresh_db
+from helpers import MNISTQ, free_port
 
-from app.embedded import EmbeddedRedis
 from mnistq.protocol import ExitCode
 
 pytestmark = pytest.mark.timeout(180)
-MNISTQ = [sys.executable, "-c", "import sys; from app.cli import main; sys.exit(main())"]
 
 
 def dead_url(password: str = "hunter2") -> str:
     """A Redis URL where nothing listens (with a password, which must never be shown)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     return f"redis://{':' + password + '@' if password else ''}127.0.0.1:{port}/0"
 
 
@@ -100,6 +95,7 @@ MISTAKES = {
 
 
 @pytest.mark.parametrize("name", list(MISTAKES))
+@pytest.mark.system
 def test_each_mistake_is_one_line_and_creates_nothing(name: str, tmp_path: Path) -> None:
     args, expected = MISTAKES[name]
     (tmp_path / "README.md").write_text("not a folder\n")
@@ -123,6 +119,7 @@ def test_each_mistake_is_one_line_and_creates_nothing(name: str, tmp_path: Path)
 
 
 @pytest.mark.parametrize("command", ["watch", "classify"])
+@pytest.mark.system
 def test_help_needs_no_broker(command: str, tmp_path: Path) -> None:
     out = mnistq(command, "--help", cwd=tmp_path, env=environ())
     assert out.returncode == 0, out.stderr
@@ -130,6 +127,7 @@ def test_help_needs_no_broker(command: str, tmp_path: Path) -> None:
     assert tree(tmp_path) == set()
 
 
+@pytest.mark.system
 def test_classify_with_a_dead_broker_fails_at_once(tmp_path: Path) -> None:
     url = dead_url()
     started = time.monotonic()
@@ -142,48 +140,7 @@ def test_classify_with_a_dead_broker_fails_at_once(tmp_path: Path) -> None:
     assert out.stdout == ""
 
 
-def test_watch_waits_for_a_dead_broker_in_a_few_lines_and_then_works(tmp_path: Path) -> None:
-    url = dead_url(password="")  # the embedded Redis that comes back has none
-    port = int(url.rsplit(":", 1)[1].split("/")[0])
-    inbox, csv_path, log = tmp_path / "inbox", tmp_path / "results.csv", tmp_path / "watch.log"
-    files = write_digits(inbox, 3)
-    env = environ(REDIS_URL=url, MNISTQ_LOG_LEVEL="INFO")
-    cmd = [*MNISTQ, "watch", "--inbox", str(inbox), "--csv", str(csv_path)]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
-    server: EmbeddedRedis | None = None
-    worker: WorkerProc | None = None
-    try:
-        time.sleep(20)
-        assert proc.poll() is None, log.read_text()
-        text = log.read_text()
-        assert "Traceback" not in text, text
-        assert len(text.splitlines()) <= 5, text
-        assert text.count("WARNING") == 1 and "cannot reach Redis at" in text, text
-        waiting = sorted(p.name for p in inbox.iterdir() if p.name != ".mnistq.lock")
-        assert waiting == sorted(p.name for p in files)
-
-        # The broker comes back: the watcher says so once and does the files by itself.
-        server = EmbeddedRedis(port=port)
-        worker = WorkerProc(url, "back@%h", tmp_path, tmp_path / "worker.log").start()
-        deadline = time.monotonic() + 90
-        while len(csv_path.read_text().splitlines()) < 1 + len(files):
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 0
-        text = log.read_text()
-        assert "Traceback" not in text, text
-        assert text.count("WARNING") == 1 and text.count("is back after") == 1, text
-        assert len(text.splitlines()) <= 10, text
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if worker is not None:
-            worker.stop()
-        if server is not None:
-            server.stop()
+# `watch` with its broker down: the `watch` case of test_worker_broker.py's dead-broker test.
 
 
 def test_log_lines_go_above_the_progress_bar(capsys: pytest.CaptureFixture[str]) -> None:

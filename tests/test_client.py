@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 from conftest import WorkerProc, fresh_db, write_digits
+from helpers import MNISTQ, free_port, wait_for
 
 import api.job
 from api import Client, Job, NoWorker, ResultTimeout
@@ -23,9 +22,9 @@ from mnistq.protocol import ExitCode
 from mnistq.settings import Settings
 
 pytestmark = pytest.mark.timeout(180)
-MNISTQ = [sys.executable, "-c", "import sys; from app.cli import main; sys.exit(main())"]
 
 
+@pytest.mark.system
 def test_no_worker_is_named_when_results_are_late(
     redis_server: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -34,10 +33,10 @@ def test_no_worker_is_named_when_results_are_late(
     monkeypatch.setattr(api.job, "LATE_S", 0.5)  # a wait says so before the timeout
     caplog.set_level(logging.WARNING, "mnistq.producer")
     with Client(url, settings=Settings(redis_url=url)) as client, pytest.raises(NoWorker) as err:
-        client.classify(list(files), timeout=4)
+        client.classify(list(files), timeout=2)
     message = str(err.value)
     assert isinstance(err.value, ResultTimeout) and err.value.exit_code == ExitCode.CONFIG
-    assert message.startswith("2 of 2 results missing after 4")
+    assert message.startswith("2 of 2 results missing after 2")
     assert f"no worker is consuming queue 'mnistq' on {url}" in message
     assert f"`REDIS_URL={url} mnistq worker`" in message
     assert any("results are late: no worker is consuming" in m for m in caplog.messages)
@@ -60,9 +59,7 @@ def test_a_broker_never_reached_is_said_at_once_without_waiting(
 ) -> None:
     """The README's snippet with nothing on the port: the error within seconds, not after the
     60 s an outage is ridden out, and no "waiting for it"."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        url = f"redis://:secret@127.0.0.1:{s.getsockname()[1]}/0"
+    url = f"redis://:secret@127.0.0.1:{free_port()}/0"
     files = write_digits(tmp_path, 1)
     caplog.set_level(logging.INFO, "mnistq.producer")
     with Client(url, settings=Settings(redis_url=url)) as client:  # the default reconnect_s (60)
@@ -79,6 +76,7 @@ def test_a_broker_never_reached_is_said_at_once_without_waiting(
     assert not any("waiting for it" in m for m in caplog.messages), caplog.messages
 
 
+@pytest.mark.system
 def test_a_job_rides_out_an_outage_then_gives_up_after_reconnect_s(tmp_path: Path) -> None:
     """Once the broker answered, its going away is an outage: waited out for reconnect_s."""
     server = EmbeddedRedis()
@@ -95,6 +93,7 @@ def test_a_job_rides_out_an_outage_then_gives_up_after_reconnect_s(tmp_path: Pat
         server.stop()
 
 
+@pytest.mark.system
 def test_job_results_survive_a_redis_restart_without_persistence(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -122,7 +121,11 @@ def test_job_results_survive_a_redis_restart_without_persistence(
             # Restarted from this thread: the server dies with the thread that started it.
             time.sleep(1)  # the job is waiting on its results now
             server.kill()
-            time.sleep(2)  # the job meets the outage
+            wait_for(
+                lambda: any("cannot reach Redis" in m for m in caplog.messages),
+                30,
+                "the job to meet the outage",
+            )
             server.start()  # same port, empty: the 5 messages are gone
             worker.start(wait=False)
             waiter.join(150)

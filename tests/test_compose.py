@@ -213,6 +213,7 @@ def option(cmd: list[str], name: str) -> str:
 # --- docker-compose.yml --------------------------------------------------------------------
 
 
+@pytest.mark.system
 def test_worker_is_scalable_and_stops_gracefully(config: dict[str, Any]) -> None:
     worker = service(config, "worker")
     assert "container_name" not in worker, "a fixed container name prevents --scale worker=N"
@@ -228,6 +229,7 @@ def test_worker_is_scalable_and_stops_gracefully(config: dict[str, Any]) -> None
     assert ("volume", "models", "/models") in mounts(worker)
 
 
+@pytest.mark.system
 def test_workers_read_the_paths_the_producer_sends(config: dict[str, Any]) -> None:
     producer, worker = service(config, "producer"), service(config, "worker")
     inbox = option(command(producer), "--inbox")
@@ -238,6 +240,7 @@ def test_workers_read_the_paths_the_producer_sends(config: dict[str, Any]) -> No
     )
 
 
+@pytest.mark.system
 def test_producer_moves_files_within_one_mount(config: dict[str, Any]) -> None:
     """done/ and failed/ are made beside the CSV: on the inbox's mount, a move is a rename.
 
@@ -254,6 +257,7 @@ def test_producer_moves_files_within_one_mount(config: dict[str, Any]) -> None:
     assert not producer.get("ports")
 
 
+@pytest.mark.system
 def test_the_host_data_folder_is_one_setting(tmp_path: Path) -> None:
     r = run_config(tmp_path, REDIS_PASSWORD=PASSWORD, MNISTQ_DATA_DIR="/srv/mnistq")
     assert r.returncode == 0, r.stderr
@@ -263,6 +267,7 @@ def test_the_host_data_folder_is_one_setting(tmp_path: Path) -> None:
     assert host_path(service(cfg, "trainer"), "/data/mnist") == Path("/srv/mnistq/mnist")
 
 
+@pytest.mark.system
 def test_the_image_is_built_once_and_shared(config: dict[str, Any]) -> None:
     services = config["services"]
     builders = [name for name, svc in services.items() if svc.get("build")]
@@ -277,6 +282,7 @@ def test_the_image_is_built_once_and_shared(config: dict[str, Any]) -> None:
     assert "worker" in (services["producer"].get("depends_on") or {})
 
 
+@pytest.mark.system
 def test_every_build_argument_reaches_the_dockerfile(tmp_path: Path) -> None:
     values = {
         "BASE_IMAGE": "debian-with-python:1",
@@ -295,6 +301,7 @@ def test_every_build_argument_reaches_the_dockerfile(tmp_path: Path) -> None:
     assert set(args) <= declared, f"build arguments the Dockerfile ignores: {set(args) - declared}"
 
 
+@pytest.mark.system
 def test_redis_persists_into_its_volume_whatever_the_image(config: dict[str, Any]) -> None:
     redis = service(config, "redis")
     cmd = command(redis)
@@ -308,6 +315,7 @@ def test_redis_persists_into_its_volume_whatever_the_image(config: dict[str, Any
         assert not service(config, name).get("ports"), f"{name} publishes a port"
 
 
+@pytest.mark.system
 def test_trainer_writes_where_it_runs_as_the_same_user(config: dict[str, Any]) -> None:
     trainer, worker = service(config, "trainer"), service(config, "worker")
     assert trainer["profiles"] == ["trainer"]
@@ -318,6 +326,7 @@ def test_trainer_writes_where_it_runs_as_the_same_user(config: dict[str, Any]) -
     assert host_path(trainer, option(cmd, "--data-dir")) is not None
 
 
+@pytest.mark.system
 def test_env_example_is_a_valid_env_file(tmp_path: Path) -> None:
     # An environment variable wins over the env file, in v1 and v2 alike.
     r = run_config(tmp_path, env_file=ROOT / ".env.example", REDIS_PASSWORD=PASSWORD)
@@ -327,18 +336,21 @@ def test_env_example_is_a_valid_env_file(tmp_path: Path) -> None:
     assert environment(worker)["REDIS_URL"] == f"redis://:{PASSWORD}@redis:6379/0"
 
 
+@pytest.mark.system
 def test_env_example_ships_no_usable_password(tmp_path: Path) -> None:
     r = run_config(tmp_path, env_file=ROOT / ".env.example")
     assert r.returncode != 0, "a copied .env.example must not start Redis with a known password"
     assert "set REDIS_PASSWORD in .env" in r.stdout + r.stderr
 
 
+@pytest.mark.system
 def test_missing_password_is_refused_with_a_clear_message(tmp_path: Path) -> None:
     r = run_config(tmp_path)
     assert r.returncode != 0
     assert "set REDIS_PASSWORD in .env" in r.stdout + r.stderr
 
 
+@pytest.mark.system
 def test_the_ci_override_only_replaces_images(tmp_path: Path) -> None:
     tool = compose_tool()
     if tool is None:
@@ -498,6 +510,7 @@ def _entrypoint(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
     )
 
 
+@pytest.mark.system
 def test_entrypoint_becomes_mnistq_when_the_folders_are_usable(tmp_path: Path) -> None:
     (tmp_path / "inbox").mkdir()
     proc = _entrypoint(tmp_path, "watch", "--polling")
@@ -505,6 +518,7 @@ def test_entrypoint_becomes_mnistq_when_the_folders_are_usable(tmp_path: Path) -
     assert (proc.returncode, out.strip(), err) == (0, "mnistq watch --polling", "")
 
 
+@pytest.mark.system
 def test_entrypoint_waits_unhealthy_with_one_line_when_it_cannot_write(tmp_path: Path) -> None:
     # Root may write anywhere, so the folder is made unusable by putting a file in its place.
     (tmp_path / "results").write_text("not a folder")
@@ -534,6 +548,7 @@ def test_entrypoint_waits_unhealthy_with_one_line_when_it_cannot_write(tmp_path:
     assert err.strip().count("\n") == 0, f"more than one line: {err!r}"
 
 
+@pytest.mark.system
 def test_entrypoint_of_a_one_off_command_exits_2_with_one_line(tmp_path: Path) -> None:
     (tmp_path / "mnist").write_text("not a folder")
     proc = _entrypoint(tmp_path, "train", "--data-dir", str(tmp_path / "mnist"))

@@ -13,6 +13,7 @@ import pytest
 from worker.heap import HeapTrimmer
 
 pytestmark = [
+    pytest.mark.system,
     pytest.mark.timeout(120),
     pytest.mark.skipif(HeapTrimmer().free_bytes() is None, reason="needs glibc 2.33+ (mallinfo2)"),
 ]

@@ -62,6 +62,7 @@ def _seven(path: Path, size: tuple[int, int], mode: str = "L") -> Path:
     return path
 
 
+@pytest.mark.system
 def test_a_long_narrow_image_is_reduced_before_it_costs_gigabytes(tmp_path: Path) -> None:
     # 1000 x 39,000 is under the 40 Mpx limit and ~100 KB as a PNG; worked on at full size in
     # float it took 2.2 GB and 6-10 s; reduced first, ~70 MB
@@ -73,6 +74,7 @@ def test_a_long_narrow_image_is_reduced_before_it_costs_gigabytes(tmp_path: Path
     assert load_image(strip).max() > 0.5  # the digit is still found
 
 
+@pytest.mark.system
 def test_big_decodes_take_turns_in_a_process(tmp_path: Path) -> None:
     # a 6000 x 6000 RGBA PNG decodes to 144 MB; three task threads at once held all three (2.8x
     # one image's peak; 1.2-1.6x taking turns)

@@ -248,6 +248,7 @@ def test_load_image_missing_file(tmp_path):
 
 
 @CLI_TIMEOUT
+@pytest.mark.system
 def test_cli_predicts_one_clean_digit(tmp_path):
     d = DIGITS[-1]
     path = write_variant(tmp_path, d, "plain")
@@ -258,6 +259,7 @@ def test_cli_predicts_one_clean_digit(tmp_path):
 
 
 @CLI_TIMEOUT
+@pytest.mark.system
 def test_cli_predicts_every_variant_in_one_run(tmp_path):
     expected = {write_variant(tmp_path, d, v): d for d in DIGITS for v in VARIANTS}
     r = run_mnistq("predict", *expected, cwd=tmp_path)
@@ -274,6 +276,7 @@ def test_cli_predicts_every_variant_in_one_run(tmp_path):
 
 @CLI_TIMEOUT
 @pytest.mark.parametrize("kind", ["empty", "truncated", "text", "directory", "huge"])
+@pytest.mark.system
 def test_cli_bad_input_is_one_clear_error_line(tmp_path, kind):
     path = make_bad(kind, tmp_path)
     t0 = time.perf_counter()
@@ -289,6 +292,7 @@ def test_cli_bad_input_is_one_clear_error_line(tmp_path, kind):
 
 
 @CLI_TIMEOUT
+@pytest.mark.system
 def test_cli_max_pixels_and_mixed_good_and_bad(tmp_path):
     good = write_variant(tmp_path, DIGITS[0], "plain")
     r = run_mnistq("predict", "--max-pixels", "100", good, cwd=tmp_path)

@@ -316,11 +316,15 @@ def test_all_10000_mnist_test_pngs_read_as_the_reference(tmp_path, ckpt):
 @needs_real_data
 @pytest.mark.timeout(900)
 def test_realworld_bench_photos_read_as_the_reference(tmp_path, ckpt):
-    """All 2,000 of bench/realworld.py's photographs (its generator, its seed, its default count)."""
+    """The first 200 of bench/realworld.py's 2,000 photographs: its generator, its seed, so the same
+    pictures. Each is an independent draw of the same few uniform parameters (scale, canvas, offset,
+    paper tone, noise): 200 of them cover every range densely, and a difference that is not a
+    one-in-hundreds accident shows in them; all 2,000 cost 50 s on two cores (the reference
+    reader is the slow part), these 200 about 5."""
     x, _, _ = data.load_split(REAL_DATA, "test")
     rng = np.random.default_rng(0)
     paths = []
-    for i in range(2000):
+    for i in range(200):
         path = tmp_path / f"{i:05d}.jpg"
         photograph(x[i, 0].numpy(), rng).save(path, quality=90)
         paths.append(path)

@@ -259,6 +259,7 @@ def test_watch_drain_does_the_inbox_and_exits(watch: Callable[..., Watch]) -> No
     assert "done 5 (0 failed)" in w.log.read_text()
 
 
+@pytest.mark.system
 def test_watch_refuses_a_csv_that_is_not_a_results_file(tmp_path: Path) -> None:
     theirs = tmp_path / "theirs.csv"
     theirs.write_bytes(b"name,score\r\nalice,3\r\n")

@@ -41,6 +41,7 @@ def test_the_first_install_command_takes_the_cpu_wheels_before_the_project() -> 
 @pytest.mark.skipif(
     shutil.which("git") is None or not (REPO_ROOT / ".git").exists(), reason="not a git checkout"
 )
+@pytest.mark.system
 def test_git_ignores_what_the_product_writes_in_the_checkout() -> None:
     from trainer.publish import beside
 
@@ -54,6 +55,7 @@ def test_git_ignores_what_the_product_writes_in_the_checkout() -> None:
     assert out.stdout.split() == written, f"not ignored: {set(written) - set(out.stdout.split())}"
 
 
+@pytest.mark.system
 def test_the_real_mnist_folder_follows_mnistq_test_data(tmp_path: Path) -> None:
     code = "import helpers_images as h; print(h.REAL_DATA)"
     env = {**os.environ, "MNISTQ_TEST_DATA": str(tmp_path)}

@@ -16,7 +16,7 @@ from kombu import Connection, Exchange, Queue
 
 from app.embedded import EmbeddedRedis
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.system, pytest.mark.timeout(60)]
 STOCK = "kombu.transport.redis:Transport"  # by path: the worker's install() re-aliases "redis"
 GUARDED = "worker.redis_transport:Transport"
 

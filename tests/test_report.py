@@ -57,6 +57,7 @@ def real_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @needs_browser
+@pytest.mark.system
 def test_the_report_of_a_real_run_renders_in_chromium(real_run: Path) -> None:
     out = run_mnistq("report", "results.csv", cwd=real_run)
     assert out.returncode == 0, out.stderr
@@ -102,6 +103,7 @@ def test_the_report_of_a_real_run_renders_in_chromium(real_run: Path) -> None:
 
 
 @needs_browser
+@pytest.mark.system
 def test_missing_files_and_error_rows_only_in_an_older_csv_still_render(tmp_path: Path) -> None:
     legacy = ("path", "digit", "confidence", "model_version", "error", "id", "finished_at")
     t0 = datetime(2024, 5, 1, 12, tzinfo=UTC)
@@ -195,6 +197,7 @@ def test_sixty_thousand_rows_stream_in_bounded_memory(tmp_path: Path) -> None:
     ],
     ids=["missing", "a folder", "a PNG", "another CSV"],
 )
+@pytest.mark.system
 def test_a_persons_mistake_is_one_line_and_exit_2(
     tmp_path: Path, make: Callable[[Path], Path], said: str
 ) -> None:
@@ -207,6 +210,7 @@ def test_a_persons_mistake_is_one_line_and_exit_2(
     assert not (tmp_path / "report.html").exists()
 
 
+@pytest.mark.system
 def test_only_writing_a_report_loads_matplotlib_and_nothing_loads_torch() -> None:
     code = (
         "import sys, app.watch, report.report, app.cli; "

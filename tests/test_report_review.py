@@ -163,6 +163,7 @@ def test_names_wrap_after_separators_not_mid_word(tmp_path: Path) -> None:
 
 
 @needs_browser
+@pytest.mark.system
 def test_a_blank_white_thumbnail_has_a_visible_border(tmp_path: Path) -> None:
     """A white image on the white page shows as its border: a grey line as wide as a thumbnail."""
     (tmp_path / "failed").mkdir()

@@ -313,6 +313,7 @@ def test_run_with_a_p_through_a_kill_and_a_restart_gives_one_row_each_in_the_rig
         (["run", "--review-below", "high"], {}),
     ],
 )
+@pytest.mark.system
 def test_a_bad_review_setting_is_one_line(tmp_path: Path, args: list[str], env: dict[str, str]) -> None:
     base = {k: v for k, v in os.environ.items() if not k.startswith("MNISTQ_") and k != "REDIS_URL"}
     out = subprocess.run(

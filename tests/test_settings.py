@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -151,10 +149,9 @@ def test_require_redis_says_what_to_do() -> None:
 
 # -- the state file of a running `mnistq run` -------------------------------------------------
 def _dead_pid() -> int:
-    proc = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
-    )
-    return int(proc.stdout)
+    """A pid that no process has now, as a run's that has exited."""
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    return next(p for p in range(pid_max - 1, 1, -1) if not Path(f"/proc/{p}").exists())
 
 
 def test_a_live_runs_url_is_found_beside_the_csv(tmp_path: Path) -> None:

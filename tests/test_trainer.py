@@ -55,6 +55,7 @@ def trained(tiny, tmp_path_factory):
 
 
 @CLI_TIMEOUT
+@pytest.mark.system
 def test_train_writes_a_complete_checkpoint(trained, tiny):
     out, r = trained
     assert r.returncode == 0, r.stderr
@@ -106,6 +107,7 @@ def test_train_writes_a_complete_checkpoint(trained, tiny):
 
 
 @CLI_TIMEOUT
+@pytest.mark.system
 def test_weights_version_is_a_content_hash(trained):
     out, _ = trained
     ckpt = load_checkpoint(out)
@@ -172,6 +174,7 @@ def test_passes_accumulate_the_whole_batch_gradient(micro, outliers):
 
 
 @CLI_TIMEOUT
+@pytest.mark.system
 def test_evaluate_json_on_the_tiny_set(tiny, tmp_path):
     args = ("--json", "--data-dir", tiny, "--device", "cpu", "--precision", "fp32", "--nondigits", "30")
     r = run_mnistq("evaluate", *args, cwd=tmp_path)
@@ -194,6 +197,7 @@ def test_evaluate_json_on_the_tiny_set(tiny, tmp_path):
 @CLI_TIMEOUT
 @pytest.mark.slow
 @needs_real_data
+@pytest.mark.system
 def test_shipped_model_accuracy_on_the_real_test_set(tmp_path):
     r = run_mnistq("evaluate", "--json", "--data-dir", REAL_DATA, cwd=tmp_path)
     assert r.returncode == 0, r.stderr

@@ -80,6 +80,7 @@ def test_a_worse_model_at_out_is_replaced_saying_both_versions(tiny, tmp_path, c
     assert not beside(out).exists()
 
 
+@pytest.mark.system
 def test_out_that_is_not_a_checkpoint_is_refused_before_training(tiny, tmp_path) -> None:
     out = tmp_path / "notes.txt"
     out.write_text("precious")
@@ -98,6 +99,7 @@ WANTED = (
 
 
 @pytest.mark.parametrize("command", ["train", "evaluate"])
+@pytest.mark.system
 def test_no_data_is_one_line_naming_files_layout_and_places_and_creates_nothing(tmp_path, command) -> None:
     mine = tmp_path / "my-data"
     (mine / "MNIST" / "raw").mkdir(parents=True)
@@ -116,6 +118,7 @@ def test_no_data_is_one_line_naming_files_layout_and_places_and_creates_nothing(
         assert _tree(mine) == before  # no MNIST/raw/MNIST/raw inside the user's data
 
 
+@pytest.mark.system
 def test_data_dir_may_point_at_mnist_or_its_raw_folder(tiny, tmp_path) -> None:
     before = _tree(tiny)
     for given in (tiny, tiny / "MNIST", tiny / "MNIST" / "raw"):

@@ -6,14 +6,14 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import redis
 from conftest import WorkerProc, write_digits
+from helpers import MNISTQ, wait_for
 from helpers_images import SHIPPED_MODEL
-from helpers_wire import Wire, wait_for
+from helpers_wire import Wire
 
 from mnistq.protocol import ErrorKind, ExitCode, reply_key
 from model import load_checkpoint, pick_device
@@ -155,10 +155,11 @@ def test_bad_checkpoint_fails_the_start_loudly(
 
 
 def _mnistq(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-c", "import sys; from app.cli import main; sys.exit(main())", *args]
+    cmd = [*MNISTQ, *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.system
 def test_mnistq_worker_needs_redis_url_but_not_for_help() -> None:
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL" and not k.startswith("MNISTQ_")}
     out = _mnistq(["worker"], env)

@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import write_digits
+from helpers import wait_for
 from helpers_images import SHIPPED_MODEL
-from helpers_wire import Wire, wait_for
+from helpers_wire import Wire
 
 from model import load_checkpoint, save_checkpoint
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.system, pytest.mark.timeout(180)]
 
 
 def test_sigkill_mid_batch_loses_nothing(start_worker, tmp_path: Path) -> None:

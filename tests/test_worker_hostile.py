@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 from conftest import write_digits
-from helpers_wire import Wire, wait_for
+from helpers import wait_for
+from helpers_wire import Wire
 
 from mnistq.protocol import MAX_PATHS, QUEUE, ErrorKind, miscounted
 

