@@ -180,9 +180,11 @@ class Watcher:
                 # idle: no line every 10 s saying that nothing happened
                 if (counts := (p.sent, p.done, p.failed, p.in_flight)) != last_counts:
                     last_counts = counts
+                    # a rate only once a second of work was timed: a few files' is their latency
+                    rate = "" if p.rate is None else f", {p.rate:.0f} images/s"
                     log.info(
-                        "sent %d, done %d, failed %d, in flight %d, %.0f images/s",
-                        p.sent, p.done, p.failed, p.in_flight, p.images_per_s,
+                        "sent %d, done %d, failed %d, in flight %d%s",
+                        p.sent, p.done, p.failed, p.in_flight, rate,
                     )  # fmt: skip
             if self.opts.drain and intake.idle and dispatch.idle:
                 return

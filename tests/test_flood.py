@@ -187,3 +187,37 @@ def test_full_hints_drop_file_events_and_ask_for_a_pass_but_still_watch_new_fold
     finally:
         source.stop()
         source.join(5)
+
+
+def test_the_progress_line_claims_no_rate_from_a_few_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 3 files answered at once are their latency, not a throughput (issue 25, finding 8: the
+    # line said "46 images/s" for 4 files)
+    import producer.watcher
+
+    monkeypatch.setattr(producer.watcher, "LOG_EVERY_S", 0.05)
+    inbox = tmp_path / "inbox"
+    opts = WatchOptions(Folders.of(inbox, tmp_path / "results.csv", tmp_path / "done", tmp_path / "failed"))
+    sink = CsvSink(tmp_path / "results.csv")
+    stop = threading.Event()
+    watcher = Watcher(EchoConnection(), sink, opts, stop)  # type: ignore[arg-type]
+    runner = threading.Thread(target=watcher.run)
+    with caplog.at_level("INFO", logger="mnistq.producer"):
+        runner.start()
+        try:
+            deadline = time.monotonic() + 10
+            while not inbox.exists():
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            for i in range(3):
+                (inbox / f"f{i}.png").write_bytes(b"not really an image")
+            while not any(m.startswith("sent 3, done 3") for m in caplog.messages):
+                assert time.monotonic() < deadline, caplog.messages
+                time.sleep(0.02)
+        finally:
+            stop.set()
+            runner.join(30)
+            sink.close()
+    line = next(m for m in caplog.messages if m.startswith("sent 3, done 3"))
+    assert line == "sent 3, done 3, failed 0, in flight 0", line
