@@ -7,6 +7,7 @@ an inbox entry that cannot be removed, and a Redis restarted without persistence
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
 import shutil
@@ -39,16 +40,24 @@ from producer.watcher import Watcher, WatchOptions
 pytestmark = pytest.mark.system
 
 
-def read_rows(path: Path) -> list[dict[str, str]]:
-    """The CSV's rows; fails on anything that is not whole, well-formed records."""
+def read_rows(path: Path, strict: bool = True) -> list[dict[str, str]]:
+    """The CSV's rows, from one read of it; fails on anything that is not whole, well-formed
+    records. Not ``strict``, while the producer may be writing: only the whole rows so far (a
+    reader may see an append half done, and reading twice saw a row grow between the reads)."""
     if not path.exists():
         return []
     data = path.read_bytes()
+    if not strict:
+        data = data[: data.rfind(b"\r\n") + 2]
     assert not data or data.endswith(b"\r\n"), f"a torn last row: {data[-80:]!r}"
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+    rows = list(csv.DictReader(io.StringIO(data.decode("utf-8"), newline="")))
     assert all(None not in r and all(v is not None for v in r.values()) for r in rows), "a malformed row"
     return rows
+
+
+def count_rows(path: Path) -> int:
+    """The whole rows written so far, for a wait while the producer writes."""
+    return len(read_rows(path, strict=False))
 
 
 def one_row_each(rows: list[dict[str, str]], names: set[str]) -> None:
@@ -129,7 +138,7 @@ def test_300_files_one_named_in_bad_utf8_and_a_symlink_give_one_row_each(
         os.rename(p, w.inbox / p.name)
     os.symlink(next(iter(target)), w.inbox / "link.png")
     names = {p.name for p in files} | {"bad\\xff.png", "link.png"}
-    wait_for(lambda: len(read_rows(w.csv)) >= 301, 120, lambda: f"{len(read_rows(w.csv))} rows\n{w.text()}")
+    wait_for(lambda: count_rows(w.csv) >= 301, 120, lambda: f"{count_rows(w.csv)} rows\n{w.text()}")
     time.sleep(0.5)  # a second row would show now
     rows = read_rows(w.csv)
     one_row_each(rows, names)
@@ -154,7 +163,7 @@ def test_a_file_deeper_than_path_max_gets_its_row_and_leaves_the_inbox(
     w.inbox.mkdir(parents=True)
     deep = deep_file(w.inbox, 5052, image.read_bytes())
     w.start()
-    wait_for(lambda: len(read_rows(w.csv)) >= 1, 60, w.text)
+    wait_for(lambda: count_rows(w.csv) >= 1, 60, w.text)
     [row] = read_rows(w.csv)
     assert (row["path"], row["digit"], row["error"]) == (deep, str(digit), "")
     assert row["moved_to"] == str(w.done) + deep[len(str(w.inbox)) :]
@@ -198,7 +207,7 @@ def test_a_full_disk_pauses_and_growing_it_resumes_with_every_file_one_whole_row
     assert moved == {Path(r["moved_to"]).name for r in rows}
     assert len(moved) + len([p for p in w.inbox.iterdir() if not p.name.startswith(".")]) == 1000
     subprocess.run(["mount", "-o", "remount,size=4m", str(small_disk)], check=True)
-    wait_for(lambda: len(read_rows(w.csv)) >= 1000, 120, lambda: f"{len(read_rows(w.csv))} rows\n{w.text()}")
+    wait_for(lambda: count_rows(w.csv) >= 1000, 120, lambda: f"{count_rows(w.csv)} rows\n{w.text()}")
     time.sleep(0.5)
     one_row_each(read_rows(w.csv), {p.name for p in staging})
     assert w.stop() == 0
@@ -216,10 +225,10 @@ def test_the_producer_killed_again_and_again_gives_each_file_one_row(
     files = write_digits(w.inbox, 600)
     for n in (30, 150, 300):  # killed wherever it is: linking, writing rows, removing entries
         w.start()
-        wait_for(lambda n=n: len(read_rows(w.csv)) >= n, 120, w.text)  # type: ignore[misc]
+        wait_for(lambda n=n: count_rows(w.csv) >= n, 120, w.text)  # type: ignore[misc]
         w.stop(signal.SIGKILL)
     w.start()
-    wait_for(lambda: len(read_rows(w.csv)) >= 600, 120, lambda: f"{len(read_rows(w.csv))} rows")
+    wait_for(lambda: count_rows(w.csv) >= 600, 120, lambda: f"{count_rows(w.csv)} rows")
     time.sleep(1)
     rows = read_rows(w.csv)
     one_row_each(rows, {p.name for p in files})
@@ -248,7 +257,7 @@ def test_an_unremovable_inbox_entry_gets_one_row_and_one_warning(
             runner = threading.Thread(target=watcher.run)
             with caplog.at_level(logging.WARNING, logger="mnistq.producer"):
                 runner.start()
-                wait_for(lambda: len(read_rows(tmp_path / "results.csv")) >= 3, 60, lambda: "no rows")
+                wait_for(lambda: count_rows(tmp_path / "results.csv") >= 3, 60, lambda: "no rows")
                 time.sleep(3)  # ten rescans
                 stop.set()
                 runner.join(60)
@@ -298,12 +307,12 @@ def test_redis_restarted_without_persistence_mid_burst_every_file_gets_its_row(t
             server.kill()
             server.start()  # the same port, nothing in it
             restarted = time.monotonic()
-            at_restart = len(read_rows(w.csv))
+            at_restart = count_rows(w.csv)
             print(f"\noutage {outage}: {queued} messages queued and {at_restart} rows at the restart")
         wait_for(
-            lambda: len(read_rows(w.csv)) >= 3000,
+            lambda: count_rows(w.csv) >= 3000,
             90,
-            lambda: f"{len(read_rows(w.csv))} of 3000 rows 90 s after the restart\n{w.text()[-3000:]}",
+            lambda: f"{count_rows(w.csv)} of 3000 rows 90 s after the restart\n{w.text()[-3000:]}",
         )
         print(f"3000 rows {time.monotonic() - restarted:.1f} s after the last restart")
         time.sleep(1)  # a duplicate row would show now
@@ -394,7 +403,7 @@ def test_a_permission_lost_mid_burst_is_said_once_and_the_files_get_their_rows_w
         wait_for(queue_settles(worker.url), 30, w.text)
         later = write_digits(tmp_path / "later", 1, prefix="later")
         os.rename(next(iter(later)), w.inbox / "later.png")  # the watcher goes on meanwhile
-        wait_for(lambda: len(read_rows(w.csv)) >= 1, 30, w.text)
+        wait_for(lambda: count_rows(w.csv) >= 1, 30, w.text)
         time.sleep(1)
         rows = read_rows(w.csv)
         assert [Path(r["path"]).name for r in rows] == ["later.png"], rows
@@ -404,7 +413,7 @@ def test_a_permission_lost_mid_burst_is_said_once_and_the_files_get_their_rows_w
         sub.chmod(0o755)
         closed.chmod(0o755)
         (w.inbox / locked.name).chmod(0o644)
-        wait_for(lambda: len(read_rows(w.csv)) >= 61, 60, lambda: f"{len(read_rows(w.csv))} rows\n{w.text()}")
+        wait_for(lambda: count_rows(w.csv) >= 61, 60, lambda: f"{count_rows(w.csv)} rows\n{w.text()}")
         time.sleep(1)
         rows = read_rows(w.csv)
         one_row_each(rows, {*names, "later.png"})
@@ -441,9 +450,7 @@ def test_files_in_flight_when_the_inbox_is_renamed_get_no_row_and_one_each_when_
         time.sleep(2)
         assert read_rows(w.csv) == [], "rows for files that were not lost"
         os.rename(away, w.inbox)  # back: each one is taken, once
-        wait_for(
-            lambda: len(read_rows(w.csv)) >= 200, 60, lambda: f"{len(read_rows(w.csv))} rows\n{w.text()}"
-        )
+        wait_for(lambda: count_rows(w.csv) >= 200, 60, lambda: f"{count_rows(w.csv)} rows\n{w.text()}")
         time.sleep(1)
         rows = read_rows(w.csv)
         one_row_each(rows, {p.name for p in staged})
