@@ -163,6 +163,11 @@ def at(path: str, call: Callable[[str, int | None], _T]) -> _T:
     except OSError as e:
         if e.errno != errno.ENAMETOOLONG:
             raise
+    return in_folder(path, call)
+
+
+def in_folder(path: str, call: Callable[[str, int], _T]) -> _T:
+    """``call(name, folder)`` on the descriptor of ``path``'s folder, opened with no link followed."""
     folder, name = os.path.split(path)
     fd = open_folder(folder)
     try:

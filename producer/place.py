@@ -15,13 +15,11 @@ import errno
 import os
 import shutil
 import stat
-from collections.abc import Callable, Iterable, Iterator
-from typing import TypeVar
+from collections.abc import Iterable, Iterator
 
 from mnistq.safeopen import open_folder
-from producer.inbox import DISK_ERRNOS, at
+from producer.inbox import DISK_ERRNOS, at, in_folder
 
-_T = TypeVar("_T")
 #: the longest file name, in bytes, of the filesystems in use (ext4, xfs, btrfs, tmpfs)
 NAME_MAX = 255
 
@@ -65,24 +63,14 @@ def place(path: str, st: os.stat_result, dest: str | os.PathLike[str], fid: str)
 
 def lstat_placed(path: str) -> os.stat_result:
     """``os.lstat`` of a file in an output folder, with no link followed on the way."""
-    return _in_folder(path, lambda name, fd: os.lstat(name, dir_fd=fd))
-
-
-def _in_folder(path: str, call: Callable[[str, int], _T]) -> _T:
-    """``call(name, folder)`` on the descriptor of ``path``'s folder, opened with no link followed."""
-    folder, name = os.path.split(path)
-    fd = open_folder(folder)
-    try:
-        return call(name, fd)
-    finally:
-        os.close(fd)
+    return in_folder(path, lambda name, fd: os.lstat(name, dir_fd=fd))
 
 
 def unplace(dest: str) -> None:
     """Undo a ``place`` that created ``dest`` (its row could not be written): the inbox keeps
     the file, and nothing is in done/ without its row."""
     with contextlib.suppress(OSError):  # left: a later run reuses it
-        _in_folder(dest, lambda name, fd: os.unlink(name, dir_fd=fd))
+        in_folder(dest, lambda name, fd: os.unlink(name, dir_fd=fd))
 
 
 def unlink_strays(st: os.stat_result, dest: str, firsts: Iterable[str]) -> None:
